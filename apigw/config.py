@@ -1,0 +1,456 @@
+"""Configuration: gateway_config.yaml and the environment, parsed once into
+frozen values. Every problem is a ConfigError naming file, field and what is
+wrong, so startup can stop with one line instead of a traceback."""
+
+import ipaddress
+import os
+import re
+from typing import Mapping, Optional, Tuple
+from urllib.parse import urlsplit
+
+import attr
+import yaml
+from dotenv import dotenv_values
+
+MiB = 1024 * 1024
+SERVICE_NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+class ConfigError(Exception):
+    """A configuration problem: `file: field: problem`."""
+
+    def __init__(self, source, field, problem):
+        self.source = source
+        self.field = field
+        self.problem = problem
+        where = f"{source}: {field}: " if field else f"{source}: "
+        super().__init__(where + problem)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Target:
+    """One upstream base URL, split once at load time."""
+
+    url: str
+    scheme: bytes
+    host: bytes
+    port: int
+    base_path: bytes  # without trailing slash; b"" for the root
+    host_header: bytes
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ServiceConfig:
+    name: str
+    targets: Tuple[Target, ...]
+    rate_limit: Optional[int]
+    auth: bool
+    timeout_s: float
+    retries: int
+    retry_non_idempotent: bool
+    strip_prefix: bool
+    max_body_bytes: int
+
+    @property
+    def urls(self):
+        return tuple(t.url for t in self.targets)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Settings:
+    rate_period_s: float = 60
+    default_rate_limit: Optional[int] = 100
+    rate_limit_algorithm: str = "fixed_window"
+    rate_limit_failure: str = "open"
+    timeout_s: float = 5.0
+    retries: int = 2
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 2.0
+    breaker_failure_threshold: int = 5
+    breaker_recovery_time_s: float = 30.0
+    auth_cache_ttl_s: float = 10.0
+    shutdown_grace_s: float = 10.0
+    max_body_bytes: int = 10 * MiB
+    admin_allow: Tuple[object, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Environment:
+    database_url: str = "sqlite:///apigw.db"
+    redis_url: Optional[str] = None
+    master_key: Optional[str] = None
+    debug: bool = False
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class GatewayConfig:
+    path: str
+    services: Mapping[str, ServiceConfig]  # a read-only view; see _freeze
+    settings: Settings
+    env: Environment
+
+
+# --- YAML -------------------------------------------------------------------
+
+# field name in YAML -> (attribute, checker); the checkers raise _Bad(problem).
+class _Bad(Exception):
+    pass
+
+
+def _int(minimum=0, nullable=False):
+    def check(value):
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad(f"must be an integer, not {_describe(value)}")
+        if value < minimum:
+            raise _Bad(f"must be at least {minimum}, not {value}")
+        return value
+
+    return check
+
+
+def _seconds(positive=True):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad(f"must be a number of seconds, not {_describe(value)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _Bad("must be a finite number of seconds")
+        if value < 0 or (positive and value == 0):
+            raise _Bad(f"must be {'positive' if positive else 'zero or more'}, not {value}")
+        return float(value)
+
+    return check
+
+
+def _bool(value):
+    if not isinstance(value, bool):
+        raise _Bad(f"must be true or false, not {_describe(value)}")
+    return value
+
+
+def _choice(*options):
+    def check(value):
+        if value not in options:
+            raise _Bad(f"must be one of {', '.join(options)}, not {_describe(value)}")
+        return value
+
+    return check
+
+
+def _cidrs(value):
+    if not isinstance(value, list):
+        raise _Bad(f"must be a list of CIDRs, not {_describe(value)}")
+    networks = []
+    for item in value:
+        if not isinstance(item, str):
+            raise _Bad(f"must be a list of CIDRs; {_describe(item)} is not one")
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise _Bad(f"{item!r} is not a CIDR like 127.0.0.1/32") from None
+    return tuple(networks)
+
+
+def _describe(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else "a long string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+SETTINGS_FIELDS = {
+    "rate_period": ("rate_period_s", _seconds()),
+    "default_rate_limit": ("default_rate_limit", _int(nullable=True)),
+    "rate_limit_algorithm": (
+        "rate_limit_algorithm",
+        _choice("fixed_window", "sliding_window"),
+    ),
+    "rate_limit_failure": ("rate_limit_failure", _choice("open", "closed")),
+    "timeout": ("timeout_s", _seconds()),
+    "retries": ("retries", _int()),
+    "backoff_base": ("backoff_base_s", _seconds(positive=False)),
+    "backoff_max": ("backoff_max_s", _seconds(positive=False)),
+    "breaker_failure_threshold": ("breaker_failure_threshold", _int(minimum=1)),
+    "breaker_recovery_time": ("breaker_recovery_time_s", _seconds()),
+    "auth_cache_ttl": ("auth_cache_ttl_s", _seconds(positive=False)),
+    "shutdown_grace": ("shutdown_grace_s", _seconds(positive=False)),
+    "max_body_bytes": ("max_body_bytes", _int()),
+    "admin_allow": ("admin_allow", _cidrs),
+}
+
+SERVICE_FIELDS = {
+    "url", "urls", "rate_limit", "auth", "timeout", "retries",
+    "retry_non_idempotent", "strip_prefix", "max_body_bytes",
+}
+
+
+def parse_target(url):
+    """Split an upstream base URL; raises _Bad unless it is http(s)."""
+    if not isinstance(url, str):
+        raise _Bad(f"must be an http(s) URL, not {_describe(url)}")
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as e:
+        raise _Bad(f"{url!r} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Bad(f"{url!r} is not an http(s) URL with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise _Bad(f"{url!r} must not carry a query, fragment or credentials")
+    default_port = 443 if parts.scheme == "https" else 80
+    host = parts.hostname
+    try:
+        host_bytes = host.encode("idna") if not _is_ip(host) else host.encode("ascii")
+    except UnicodeError:
+        raise _Bad(f"{url!r} has a host name that cannot be encoded") from None
+    shown_host = f"[{host}]" if ":" in host else host_bytes.decode("ascii")
+    host_header = shown_host if port in (None, default_port) else f"{shown_host}:{port}"
+    return Target(
+        url=url.strip(),
+        scheme=parts.scheme.encode("ascii"),
+        host=host_bytes,
+        port=port or default_port,
+        base_path=parts.path.rstrip("/").encode("utf-8"),
+        host_header=host_header.encode("ascii"),
+    )
+
+
+def _is_ip(host):
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_settings(raw, source):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "settings", f"must be a mapping, not {_describe(raw)}")
+    values = {}
+    for key, value in raw.items():
+        if key not in SETTINGS_FIELDS:
+            raise ConfigError(source, f"settings.{key}", _unknown(key, SETTINGS_FIELDS))
+        attribute, check = SETTINGS_FIELDS[key]
+        try:
+            values[attribute] = check(value)
+        except _Bad as e:
+            raise ConfigError(source, f"settings.{key}", str(e)) from None
+    settings = Settings(**values)
+    if settings.backoff_max_s < settings.backoff_base_s:
+        raise ConfigError(
+            source, "settings.backoff_max", "must not be smaller than settings.backoff_base"
+        )
+    return settings
+
+
+def _parse_service(name, raw, settings, source):
+    field = f"services.{name}"
+    if not isinstance(name, str) or not SERVICE_NAME.match(name):
+        raise ConfigError(source, f"services.{name}", "service names are [A-Za-z0-9_-]+")
+    if name in RESERVED_NAMES:
+        raise ConfigError(source, field, f"{name!r} is reserved by the gateway")
+    if not isinstance(raw, dict):
+        raise ConfigError(source, field, f"must be a mapping, not {_describe(raw)}")
+    for key in raw:
+        if key not in SERVICE_FIELDS:
+            raise ConfigError(source, f"{field}.{key}", _unknown(key, SERVICE_FIELDS))
+    if ("url" in raw) == ("urls" in raw):
+        raise ConfigError(source, field, "needs exactly one of url or urls")
+
+    def get(key, check, default):
+        if key not in raw:
+            return default
+        try:
+            return check(raw[key])
+        except _Bad as e:
+            raise ConfigError(source, f"{field}.{key}", str(e)) from None
+
+    if "url" in raw:
+        targets = (get("url", parse_target, None),)
+    else:
+        urls = raw["urls"]
+        if not isinstance(urls, list) or not urls:
+            raise ConfigError(source, f"{field}.urls", "must be a non-empty list of URLs")
+        try:
+            targets = tuple(parse_target(u) for u in urls)
+        except _Bad as e:
+            raise ConfigError(source, f"{field}.urls", str(e)) from None
+    return ServiceConfig(
+        name=name,
+        targets=targets,
+        rate_limit=get("rate_limit", _int(nullable=True), settings.default_rate_limit),
+        auth=get("auth", _bool, True),
+        timeout_s=get("timeout", _seconds(), settings.timeout_s),
+        retries=get("retries", _int(), settings.retries),
+        retry_non_idempotent=get("retry_non_idempotent", _bool, False),
+        strip_prefix=get("strip_prefix", _bool, True),
+        max_body_bytes=get("max_body_bytes", _int(), settings.max_body_bytes),
+    )
+
+
+# Top-level paths the gateway answers itself; a service of that name could
+# never be reached.
+RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", "admin"})
+
+
+def _unknown(key, known):
+    return f"unknown field {key!r} (known: {', '.join(sorted(known))})"
+
+
+def parse_config(text, source, env):
+    """Parse YAML text into a GatewayConfig. `env` is an Environment."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "YAML"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(source, where, f"invalid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", f"the top level must be a mapping, not {_describe(raw)}")
+    for key in raw:
+        if key not in ("services", "settings"):
+            raise ConfigError(source, str(key), _unknown(key, ("services", "settings")))
+    settings = _parse_settings(raw.get("settings"), source)
+    services_raw = raw.get("services")
+    if services_raw is None:
+        services_raw = {}
+    if not isinstance(services_raw, dict):
+        raise ConfigError(source, "services", f"must be a mapping, not {_describe(services_raw)}")
+    services = {
+        str(name): _parse_service(name, body, settings, source)
+        for name, body in services_raw.items()
+    }
+    return GatewayConfig(path=source, services=_freeze(services), settings=settings, env=env)
+
+
+def _freeze(mapping):
+    from types import MappingProxyType
+
+    return MappingProxyType(dict(mapping))
+
+
+def load_config(path, environ=None, dotenv_path=".env"):
+    """Read the YAML file and the environment (with .env under it)."""
+    env = load_environment(os.environ if environ is None else environ, dotenv_path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    try:
+        text = text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "is not UTF-8 text") from None
+    return parse_config(text, path, env)
+
+
+# --- environment -------------------------------------------------------------
+
+def load_environment(environ, dotenv_path=".env"):
+    """Real environment variables win over those in .env."""
+    values = {}
+    if dotenv_path and os.path.isfile(dotenv_path):
+        try:
+            values.update(
+                {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+            )
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(dotenv_path, "", f"cannot read: {e}") from None
+    values.update(environ)
+    source = "environment"
+    database_url = values.get("DATABASE_URL") or "sqlite:///apigw.db"
+    try:
+        parse_database_url(database_url)
+    except _Bad as e:
+        raise ConfigError(source, "DATABASE_URL", str(e)) from None
+    redis_url = values.get("REDIS_URL") or None
+    if redis_url is not None:
+        try:
+            parse_redis_url(redis_url)
+        except _Bad as e:
+            raise ConfigError(source, "REDIS_URL", str(e)) from None
+    debug_raw = (values.get("DEBUG") or "false").strip().lower()
+    if debug_raw not in ("true", "false", "1", "0", "yes", "no", "on", "off", ""):
+        raise ConfigError(source, "DEBUG", f"must be true or false, not {debug_raw!r}")
+    return Environment(
+        database_url=database_url,
+        redis_url=redis_url,
+        master_key=values.get("MASTER_KEY") or None,
+        debug=debug_raw in ("true", "1", "yes", "on"),
+    )
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class DatabaseURL:
+    kind: str  # "sqlite" or "postgresql"
+    path: Optional[str] = None  # sqlite file
+    params: Mapping[str, object] = attr.ib(factory=dict)  # psycopg2.connect kwargs
+
+
+def parse_database_url(url):
+    """sqlite:///relative.db, sqlite:////abs.db or postgresql://u:p@h:5432/db."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise _Bad(f"{url!r} is not a valid URL ({e})") from None
+    if parts.scheme == "sqlite":
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if parts.netloc or not path:
+            raise _Bad("a SQLite URL looks like sqlite:///apigw.db")
+        return DatabaseURL(kind="sqlite", path=path)
+    if parts.scheme in ("postgres", "postgresql"):
+        dbname = parts.path.lstrip("/")
+        if not parts.hostname or not dbname:
+            raise _Bad("a PostgreSQL URL looks like postgresql://user:pass@host:5432/db")
+        from urllib.parse import unquote
+
+        params = {"host": parts.hostname, "port": port or 5432, "dbname": unquote(dbname)}
+        if parts.username:
+            params["user"] = unquote(parts.username)
+        if parts.password:
+            params["password"] = unquote(parts.password)
+        return DatabaseURL(kind="postgresql", params=params)
+    raise _Bad(f"scheme {parts.scheme or '(none)'!r} is not sqlite or postgresql")
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class RedisURL:
+    host: str
+    port: int
+    db: int
+    password: Optional[str]
+
+
+def parse_redis_url(url):
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise _Bad(f"{url!r} is not a valid URL ({e})") from None
+    if parts.scheme != "redis" or not parts.hostname:
+        raise _Bad("a Redis URL looks like redis://host:6379/0")
+    db_text = parts.path.lstrip("/") or "0"
+    if not db_text.isdigit():
+        raise _Bad(f"database {db_text!r} is not a number")
+    return RedisURL(
+        host=parts.hostname, port=port or 6379, db=int(db_text), password=parts.password
+    )
