@@ -1,0 +1,54 @@
+"""JSON errors and request IDs: one shape for every error the gateway makes."""
+
+import json
+import re
+import uuid
+
+_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}\Z")
+
+
+class GatewayError(Exception):
+    """Raised on the request path to answer with a JSON error."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = tuple(headers)
+
+
+def new_request_id():
+    return uuid.uuid4().hex
+
+
+def request_id_for(request):
+    """Keep an incoming X-Request-ID only when it is short and plain."""
+    incoming = request.requestHeaders.getRawHeaders(b"x-request-id")
+    if incoming and _SAFE_REQUEST_ID.match(incoming[0]):
+        return incoming[0].decode("ascii")
+    return new_request_id()
+
+
+def error_body(message, request_id):
+    return json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
+
+
+def error_response(request, status, message, headers=(), request_id=None):
+    """Write a JSON error and finish the request; returns the body bytes.
+
+    Safe to call after the client went away: nothing is written then.
+    """
+    if request_id is None:
+        request_id = getattr(request, "request_id", None) or request_id_for(request)
+    body = error_body(message, request_id)
+    if getattr(request, "_disconnected", False) or request.finished:
+        return body
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"x-request-id", [request_id.encode("ascii")])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    for name, value in headers:
+        request.responseHeaders.setRawHeaders(name, [value])
+    request.write(body)
+    request.finish()
+    return body

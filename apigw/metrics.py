@@ -1,0 +1,70 @@
+"""The metrics contract (SPEC section 5) on a registry passed around, not global."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+
+# A gateway adds milliseconds; upstreams may take tens of seconds.
+LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+class Metrics:
+    def __init__(self, registry=None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests_total = Counter(
+            "gateway_requests_total", "Total requests through gateway",
+            ["service", "method", "status"], registry=r,
+        )
+        self.request_latency = Histogram(
+            "gateway_request_latency_seconds", "Request latency through gateway",
+            ["service"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "gateway_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers",
+            ["service"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.upstream_retries = Counter(
+            "gateway_upstream_retries_total", "Upstream attempts beyond the first",
+            ["service"], registry=r,
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited_total", "Requests refused by the rate limiter",
+            ["service"], registry=r,
+        )
+        self.auth_failures = Counter(
+            "gateway_auth_failures_total", "Requests refused by API key authentication",
+            ["reason"], registry=r,
+        )
+        self.breaker_state = Gauge(
+            "gateway_circuit_breaker_state",
+            "Circuit breaker state per upstream target (0 closed, 1 open, 2 half_open)",
+            ["service", "target"], registry=r,
+        )
+        self.in_flight = Gauge(
+            "gateway_in_flight_requests", "Requests being handled now", registry=r,
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads_total", "Configuration reloads by result",
+            ["result"], registry=r,
+        )
+
+    def render(self):
+        return generate_latest(self.registry)
+
+
+class MetricsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, metrics):
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self._metrics.render()

@@ -1,0 +1,119 @@
+"""GatewayService: the one service tree twistd runs, and its start/stop order."""
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from apigw.errors import GatewayError
+from apigw.logs import AccessLog
+from apigw.metrics import Metrics, MetricsResource
+from apigw.proxy import GatewayRoot, GatewaySite, Healthz, Readyz, ServiceResource
+from apigw.upstream import Forwarder
+
+log = Logger()
+
+
+class GatewayService(MultiService):
+    """Holds the live config and everything a request needs.
+
+    A reload builds new per-service resources and swaps them in one
+    assignment: requests already routed keep the objects they started with.
+    """
+
+    def __init__(self, config, port="tcp:8000", admin_port=None, access_log=None,
+                 reactor=None, clock=None, metrics=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.access_log = AccessLog(access_log)
+        self.forwarder = Forwarder(reactor, self.metrics, clock=self.clock)
+        self.shutting_down = False
+        self._in_flight = 0
+        self._port_description = port
+        self._admin_port_description = admin_port
+        self.config = None
+        self.service_resources = {}
+        self.apply_config(config)
+        self.root = GatewayRoot(self)
+        self.root.putChild(b"healthz", Healthz())
+        self.root.putChild(b"readyz", Readyz(self))
+        self.root.putChild(b"metrics", MetricsResource(self.metrics))
+        # HOOK: admin
+        self.site = GatewaySite(self.root, self)
+        self.listener = strports.service(port, self.site, reactor=reactor)
+        self.listener.setServiceParent(self)
+
+    # -- configuration ---------------------------------------------------
+
+    def apply_config(self, config):
+        self.config = config
+        self.body_limit = max(
+            [config.settings.max_body_bytes]
+            + [s.max_body_bytes for s in config.services.values()]
+        )
+        self.service_resources = {
+            name.encode("ascii"): ServiceResource(self, service)
+            for name, service in config.services.items()
+        }
+
+    # -- request path hooks ------------------------------------------------
+
+    async def authenticate(self, request, service):
+        """The consumer for this request, or GatewayError 401/403/503."""
+        if not service.auth:
+            return None
+        if not request.requestHeaders.getRawHeaders(b"x-api-key"):
+            self.metrics.auth_failures.labels("missing").inc()
+            raise GatewayError(401, "missing X-API-Key header")
+        self.metrics.auth_failures.labels("invalid").inc()
+        raise GatewayError(401, "invalid API key")
+
+    async def check_rate_limit(self, request, service, consumer):
+        """Adds rate-limit headers to the request, or GatewayError 429/503."""
+        return None
+
+    async def readiness(self):
+        """Names of the parts that are down; empty when ready."""
+        down = []
+        if self.shutting_down:
+            down.append("shutting down")
+        return down
+
+    # -- in-flight accounting ------------------------------------------------
+
+    def in_flight_started(self, request):
+        self._in_flight += 1
+        self.metrics.in_flight.inc()
+
+    def in_flight_finished(self, request):
+        self._in_flight -= 1
+        self.metrics.in_flight.dec()
+
+    @property
+    def in_flight(self):
+        return self._in_flight
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def startService(self):
+        self.access_log.start()
+        super().startService()
+        log.info(
+            "apigw listening on {port} with services {services}",
+            port=self._port_description,
+            services=", ".join(self.config.services) or "(none)",
+        )
+
+    def stopService(self):
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self):
+        self.shutting_down = True
+        # Children first: this stops listening.
+        await super().stopService()
+        await self.forwarder.close()
+        self.access_log.stop()
