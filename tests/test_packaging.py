@@ -1,0 +1,114 @@
+"""
+Install the project into a fresh virtualenv and ask twistd about it.
+
+These are the slow tests of the suite (a venv and a pip install, about 15 s
+with a warm pip cache): they are the only proof that the dropin in
+twisted/plugins/ ships in the wheel and that an editable install still lets
+twisted.plugins find it by scanning sys.path.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parent.parent
+# What a wheel is built from; the rest of the tree (tests, .venv, build
+# output of earlier runs) would only slow the copy down or leak stale files.
+SOURCES = ("setup.py", "pyproject.toml", "README.md", "apigw", "twisted")
+PIP_TIMEOUT_S = 240
+TWISTD_TIMEOUT_S = 60
+
+
+def _clean_env():
+    env = dict(os.environ)
+    # The outer venv must not leak into the one under test.
+    for name in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP"):
+        env.pop(name, None)
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def _run(argv, cwd, timeout_s):
+    result = subprocess.run(
+        [str(a) for a in argv],
+        cwd=cwd,
+        env=_clean_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert result.returncode == 0, f"{argv} exited {result.returncode}:\n{result.stdout}"
+    return result.stdout
+
+
+def _copy_project(dest):
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
+    for name in SOURCES:
+        src = PROJECT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dest / name)
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(tmp_path_factory):
+    """A virtualenv with pip and nothing of ours installed, and a copy of the project."""
+    root = tmp_path_factory.mktemp("packaging")
+    # The system python3 the machine has, not the project's .venv interpreter.
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    env_dir = root / "venv"
+    _run([base, "-m", "venv", env_dir], cwd=root, timeout_s=120)
+    source = root / "src"
+    source.mkdir()
+    _copy_project(source)
+    return root, env_dir / "bin", source
+
+
+def _site_packages(bin_dir):
+    out = _run(
+        [bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        cwd=bin_dir,
+        timeout_s=TWISTD_TIMEOUT_S,
+    )
+    return Path(out.strip())
+
+
+def _assert_twistd_knows_apigw(root, bin_dir):
+    listing = _run([bin_dir / "twistd", "--help"], cwd=root, timeout_s=TWISTD_TIMEOUT_S)
+    commands = [line.split()[0] for line in listing.splitlines() if line.startswith("    ")]
+    assert "apigw" in commands, listing
+    usage = _run([bin_dir / "twistd", "apigw", "--help"], cwd=root, timeout_s=TWISTD_TIMEOUT_S)
+    for option in ("--config=", "--port=", "--admin-port=", "--access-log="):
+        assert option in usage, usage
+    assert "gateway_config.yaml" in usage and "tcp:8000" in usage, usage
+
+
+def test_plain_install_lists_apigw_in_twistd(fresh_venv):
+    """When the project is pip-installed (not editable) into a fresh venv, twistd lists apigw and its options."""
+    root, bin_dir, source = fresh_venv
+    _run([bin_dir / "pip", "install", source], cwd=root, timeout_s=PIP_TIMEOUT_S)
+    plugins = _site_packages(bin_dir) / "twisted" / "plugins"
+    assert (plugins / "apigw_plugin.py").is_file()
+    _assert_twistd_knows_apigw(root, bin_dir)
+
+
+def test_editable_install_lists_apigw_in_twistd(fresh_venv):
+    """When the project is installed with pip -e into a fresh venv, twistd still lists apigw and its options."""
+    root, bin_dir, source = fresh_venv
+    _run([bin_dir / "pip", "uninstall", "-y", "apigw"], cwd=root, timeout_s=PIP_TIMEOUT_S)
+    _run([bin_dir / "pip", "install", "-e", source], cwd=root, timeout_s=PIP_TIMEOUT_S)
+    site = _site_packages(bin_dir)
+    # Otherwise the dropin could have been found through a stale copy left by
+    # the plain install rather than through the editable install.
+    assert not (site / "twisted" / "plugins" / "apigw_plugin.py").exists()
+    _assert_twistd_knows_apigw(root, bin_dir)
