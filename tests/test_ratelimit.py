@@ -1,0 +1,412 @@
+"""Rate limiter: the in-process one on a Clock, the Redis one on real servers."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, task
+from twisted.internet.task import Clock
+
+from apigw.config import RedisURL
+from apigw.ratelimit import (
+    Decision,
+    LimiterUnavailable,
+    MemoryLimiter,
+    RedisLimiter,
+    bucket_for,
+    rate_limit_headers,
+)
+
+SHARED_REDIS = RedisURL(host="127.0.0.1", port=6379, db=9, password=None)
+
+
+def result_of(d):
+    results = []
+    d.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    if isinstance(results[0], Exception) or hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def admitted(limiter, bucket, limit, period_s, n):
+    return sum(result_of(limiter.check(bucket, limit, period_s)).allowed for _ in range(n))
+
+
+# --- in process ----------------------------------------------------------------
+
+
+def test_fixed_window_admits_limit_then_resets_on_the_period():
+    """When a bucket uses its budget, the next request waits for the aligned window to end."""
+    clock = Clock()
+    clock.advance(2.5)
+    limiter = MemoryLimiter("fixed_window", clock)
+    first = result_of(limiter.check("svc:k:1", 3, 10))
+    assert first == Decision(allowed=True, limit=3, remaining=2, reset_s=8, retry_after_s=0)
+    assert admitted(limiter, "svc:k:1", 3, 10, 2) == 2
+    refused = result_of(limiter.check("svc:k:1", 3, 10))
+    assert refused == Decision(allowed=False, limit=3, remaining=0, reset_s=8, retry_after_s=8)
+    clock.advance(7.4)
+    assert not result_of(limiter.check("svc:k:1", 3, 10)).allowed
+    clock.advance(0.1)
+    again = result_of(limiter.check("svc:k:1", 3, 10))
+    assert again == Decision(allowed=True, limit=3, remaining=2, reset_s=10, retry_after_s=0)
+
+
+def test_rejected_requests_do_not_count_against_the_next_window():
+    """When a client keeps hammering after its 429s, the next window still weighs only what was admitted."""
+    clock = Clock()
+    limiter = MemoryLimiter("sliding_window", clock)
+    assert admitted(limiter, "b", 10, 10, 60) == 10
+    clock.advance(15)  # half of the next window: the previous one weighs 0.5
+    assert admitted(limiter, "b", 10, 10, 60) == 5
+
+
+def test_sliding_window_weighs_the_previous_window():
+    """When a window starts right after a full one, the sliding limiter admits only what has slid out."""
+    clock = Clock()
+    limiter = MemoryLimiter("sliding_window", clock)
+    assert admitted(limiter, "b", 10, 10, 10) == 10
+    clock.advance(10)  # next window starts; the previous one still weighs 1.0
+    refused = result_of(limiter.check("b", 10, 10))
+    assert (refused.allowed, refused.remaining, refused.retry_after_s) == (False, 0, 1)
+    clock.advance(2.5)  # weight 0.75: 7.5 of 10 used
+    assert admitted(limiter, "b", 10, 10, 10) == 2
+    clock.advance(12.5)  # mid window 2: window 1's 2 requests weigh 1; window 0 is gone
+    assert admitted(limiter, "b", 10, 10, 20) == 9
+
+
+def test_fixed_window_admits_a_full_budget_at_the_boundary():
+    """When a window starts right after a full one, the fixed limiter admits the whole budget again."""
+    clock = Clock()
+    limiter = MemoryLimiter("fixed_window", clock)
+    assert admitted(limiter, "b", 10, 10, 10) == 10
+    clock.advance(10)
+    assert admitted(limiter, "b", 10, 10, 20) == 10
+
+
+def test_buckets_are_separate():
+    """When one key or service runs out, other buckets keep their own budgets."""
+    limiter = MemoryLimiter("fixed_window", Clock())
+    a = bucket_for("service1", "key-a", "10.0.0.1")
+    b = bucket_for("service1", "key-b", "10.0.0.1")
+    other_service = bucket_for("service2", "key-a", "10.0.0.1")
+    assert len({a, b, other_service}) == 3
+    assert admitted(limiter, a, 2, 60, 5) == 2
+    assert admitted(limiter, b, 2, 60, 5) == 2
+    assert admitted(limiter, other_service, 3, 60, 5) == 3
+
+
+def test_public_services_are_limited_per_client_ip():
+    """When a service has no keys, each client address gets its own bucket."""
+    assert bucket_for("pub", None, "10.0.0.1") != bucket_for("pub", None, "10.0.0.2")
+    assert bucket_for("pub", None, "10.0.0.1") == bucket_for("pub", None, "10.0.0.1")
+
+
+def test_expired_buckets_are_swept():
+    """When buckets go idle for a while, the in-process limiter forgets them."""
+    clock = Clock()
+    limiter = MemoryLimiter("sliding_window", clock)
+    for i in range(100):
+        result_of(limiter.check(f"b{i}", 5, 10))
+    clock.advance(limiter.sweep_interval_s + 20)
+    result_of(limiter.check("fresh", 5, 10))
+    assert list(limiter._buckets) == ["fresh"]
+
+
+def test_zero_limit_refuses_everything():
+    """When a limit is 0, every request is refused with a Retry-After."""
+    limiter = MemoryLimiter("sliding_window", Clock())
+    decision = result_of(limiter.check("b", 0, 60))
+    assert not decision.allowed and decision.retry_after_s >= 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    algorithm=st.sampled_from(["fixed_window", "sliding_window"]),
+    limit=st.integers(1, 12),
+    period_s=st.sampled_from([1, 7, 60]),
+    steps=st.lists(st.tuples(st.integers(0, 8000), st.integers(0, 15)), max_size=6),
+)
+def test_remaining_and_retry_after_tell_the_truth(algorithm, limit, period_s, steps):
+    """When a client trusts the headers, Remaining more requests pass now and one passes after Retry-After."""
+    clock = Clock()
+    clock.advance(1_000_000.123)
+    limiter = MemoryLimiter(algorithm, clock)
+    for wait_ms, burst in steps:
+        clock.advance(wait_ms / 1000)
+        decisions = [result_of(limiter.check("b", limit, period_s)) for _ in range(burst + 1)]
+        last = decisions[-1]
+        assert 1 <= last.reset_s <= period_s
+        if last.allowed:
+            assert admitted(limiter, "b", limit, period_s, last.remaining) == last.remaining
+            last = result_of(limiter.check("b", limit, period_s))
+            assert not last.allowed
+        assert last.remaining == 0
+        clock.advance(last.retry_after_s - 0.001)
+        early = result_of(limiter.check("b", limit, period_s))
+        clock.advance(0.001)
+        if not early.allowed:
+            assert result_of(limiter.check("b", limit, period_s)).allowed
+
+
+def test_headers_carry_both_families_and_retry_after_on_refusal():
+    """When a decision is rendered, both header families agree and a refusal adds Retry-After."""
+    ok = Decision(allowed=True, limit=100, remaining=42, reset_s=17, retry_after_s=0)
+    headers = dict(rate_limit_headers(ok, 60))
+    assert headers == {
+        b"RateLimit-Limit": b"100",
+        b"RateLimit-Remaining": b"42",
+        b"RateLimit-Reset": b"17",
+        b"RateLimit-Policy": b"100;w=60",
+        b"X-RateLimit-Limit": b"100",
+        b"X-RateLimit-Remaining": b"42",
+        b"X-RateLimit-Reset": b"17",
+    }
+    refused = Decision(allowed=False, limit=100, remaining=0, reset_s=17, retry_after_s=17)
+    assert dict(rate_limit_headers(refused, 60))[b"Retry-After"] == b"17"
+
+
+# --- Redis ---------------------------------------------------------------------
+
+
+def sleep(seconds):
+    from twisted.internet import reactor
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def redis_time(limiter):
+    seconds, micros = await limiter._factory.handler.time()
+    return int(seconds) + int(micros) / 1e6
+
+
+async def clear_of_boundary(limiter, period_s, margin_s):
+    """Wait until the current window has at least margin_s left, so a burst stays in one."""
+    now = await redis_time(limiter)
+    left = period_s - now % period_s
+    if left < margin_s:
+        await sleep(left + 0.01)
+
+
+async def wait_connected(limiter, timeout_s=8.0):
+    deadline = time.monotonic() + timeout_s
+    while not await limiter.ping():
+        assert time.monotonic() < deadline, "limiter did not (re)connect"
+        await sleep(0.05)
+
+
+async def delete_prefix(limiter, prefix):
+    redis = limiter._factory.handler
+    cursor, deleted = 0, 0
+    for _ in range(1000):
+        cursor, keys = await redis.scan(cursor, pattern=prefix + "*", count=500)
+        if keys:
+            deleted += await redis.delete(keys)
+        if int(cursor) == 0:
+            break
+    return deleted
+
+
+@pytest.fixture
+def redis_limiter_factory():
+    """Limiters on the shared Redis, db 9, under a key prefix unique to the test."""
+    from twisted.internet import reactor
+
+    made = []
+
+    def make(algorithm="fixed_window", url=SHARED_REDIS, timeout_s=0.1):
+        prefix = f"apigw:test:{uuid.uuid4().hex}:"
+        limiter = RedisLimiter(url, algorithm, reactor, timeout_s=timeout_s, key_prefix=prefix)
+        limiter.start()
+        made.append((limiter, prefix))
+        return limiter
+
+    yield make
+
+    async def cleanup():
+        for limiter, prefix in made:
+            if limiter.connected and limiter._url == SHARED_REDIS:
+                await delete_prefix(limiter, prefix)
+            await limiter.stop()
+
+    pytest_twisted.blockon(defer.ensureDeferred(cleanup()))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, on a free port, killed by PID."""
+
+    def __init__(self, tmp_path):
+        self.port = free_port()
+        self.dir = tmp_path
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert self.process.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        self.process = None
+
+    @property
+    def url(self):
+        return RedisURL(host="127.0.0.1", port=self.port, db=0, password=None)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(tmp_path)
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        os.kill(server.process.pid, signal.SIGCONT)
+    server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_admits_exactly_the_limit_under_concurrency(redis_limiter_factory):
+    """When 60 checks race on one bucket with limit 20, Redis admits exactly 20."""
+    limiter = redis_limiter_factory()
+    await wait_connected(limiter)
+    await clear_of_boundary(limiter, 3600, 5)
+    decisions = await defer.gatherResults(
+        [limiter.check("svc:k:1", 20, 3600) for _ in range(60)], consumeErrors=True
+    )
+    allowed = [d for d in decisions if d.allowed]
+    assert len(allowed) == 20
+    assert sorted(d.remaining for d in allowed) == list(range(20))
+    assert all(d.retry_after_s >= 1 and d.remaining == 0 for d in decisions if not d.allowed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_sliding_window_admits_exactly_the_limit(redis_limiter_factory):
+    """When a burst hits the sliding limiter in Redis, exactly the limit passes and buckets stay apart."""
+    limiter = redis_limiter_factory("sliding_window")
+    await wait_connected(limiter)
+    await clear_of_boundary(limiter, 3600, 5)
+    first = await defer.gatherResults([limiter.check("a", 7, 3600) for _ in range(20)])
+    other = await defer.gatherResults([limiter.check("b", 3, 3600) for _ in range(10)])
+    assert sum(d.allowed for d in first) == 7
+    assert sum(d.allowed for d in other) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_window_resets_and_keys_expire(redis_limiter_factory):
+    """When a short window ends, the budget is back and the bucket's key is already expiring."""
+    limiter = redis_limiter_factory()
+    await wait_connected(limiter)
+    await clear_of_boundary(limiter, 1, 0.4)
+    decisions = [await limiter.check("w", 2, 1) for _ in range(3)]
+    assert [d.allowed for d in decisions] == [True, True, False]
+    assert decisions[2].retry_after_s == 1 and decisions[2].reset_s == 1
+    ttl_ms = await limiter._factory.handler.execute_command("PTTL", limiter._prefix + "w")
+    assert 0 < ttl_ms <= 1000
+    await sleep(1.05)
+    assert (await limiter.check("w", 2, 1)).allowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_rejections_do_not_feed_the_sliding_window(redis_limiter_factory):
+    """When a client keeps going after its 429s, the next sliding window still lets it through."""
+    limiter = redis_limiter_factory("sliding_window")
+    await wait_connected(limiter)
+    await clear_of_boundary(limiter, 1, 0.7)
+    burst = await defer.gatherResults([limiter.check("s", 4, 1) for _ in range(40)])
+    assert sum(d.allowed for d in burst) == 4
+    now = await redis_time(limiter)
+    await sleep(1 - now % 1 + 0.5)  # middle of the next window: previous weighs ~0.5
+    later = await defer.gatherResults([limiter.check("s", 4, 1) for _ in range(10)])
+    # 4 admitted weigh ~2, leaving ~2; 40 counted would weigh ~20 and leave none.
+    assert 1 <= sum(d.allowed for d in later) <= 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_reloads_the_script_after_script_flush(redis_limiter_factory, private_redis):
+    """When Redis forgets the script (SCRIPT FLUSH), the next check loads it again and decides."""
+    private_redis.start()
+    limiter = redis_limiter_factory(url=private_redis.url)
+    await wait_connected(limiter)
+    assert (await limiter.check("f", 5, 3600)).allowed
+    await limiter._factory.handler.script_flush()
+    decision = await limiter.check("f", 5, 3600)
+    assert decision.allowed and decision.remaining in (3, 4)  # 3 unless the hour turned
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_outage_is_unavailable_then_recovers(redis_limiter_factory, private_redis):
+    """When Redis dies the check fails fast; when it returns the same limiter works again."""
+    private_redis.start()
+    limiter = redis_limiter_factory(url=private_redis.url, timeout_s=0.1)
+    await wait_connected(limiter)
+    assert (await limiter.check("o", 5, 60)).allowed
+
+    private_redis.stop()
+    await sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(LimiterUnavailable):
+        await limiter.check("o", 5, 60)
+    assert time.monotonic() - started < 0.5
+    assert not await limiter.ping()
+
+    private_redis.start()
+    await wait_connected(limiter)
+    assert (await limiter.check("o", 5, 60)).allowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_that_stops_answering_times_out(redis_limiter_factory, private_redis):
+    """When Redis hangs with the connection open, the check fails after about the timeout."""
+    private_redis.start()
+    limiter = redis_limiter_factory(url=private_redis.url, timeout_s=0.1)
+    await wait_connected(limiter)
+    os.kill(private_redis.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(LimiterUnavailable):
+            await limiter.check("h", 5, 60)
+        assert 0.09 <= time.monotonic() - started < 0.5
+    finally:
+        os.kill(private_redis.process.pid, signal.SIGCONT)
+    assert (await limiter.check("h", 5, 60)).allowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_at_start_does_not_block_and_connects_later(
+    redis_limiter_factory, private_redis
+):
+    """When Redis is down at startup, start returns at once and the limiter connects once it is up."""
+    started = time.monotonic()
+    limiter = redis_limiter_factory(url=private_redis.url)
+    assert time.monotonic() - started < 0.1
+    with pytest.raises(LimiterUnavailable):
+        await limiter.check("d", 5, 60)
+    private_redis.start()
+    await wait_connected(limiter)
+    assert (await limiter.check("d", 5, 60)).allowed
