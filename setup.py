@@ -66,6 +66,9 @@ setup(
         "python-dotenv>=1.0,<2",
         "attrs>=22.2",
     ],
+    entry_points={
+        "console_scripts": ["apigw-demo-backends = apigw.demo:main"],
+    },
     cmdclass=cmdclass,
     extras_require={
         "test": [

@@ -100,6 +100,8 @@ def test_plain_install_lists_apigw_in_twistd(fresh_venv):
     plugins = _site_packages(bin_dir) / "twisted" / "plugins"
     assert (plugins / "apigw_plugin.py").is_file()
     _assert_twistd_knows_apigw(root, bin_dir)
+    usage = _run([bin_dir / "apigw-demo-backends", "--help"], cwd=root, timeout_s=TWISTD_TIMEOUT_S)
+    assert "--port1" in usage and "--port2" in usage, usage
 
 
 def test_editable_install_lists_apigw_in_twistd(fresh_venv):
