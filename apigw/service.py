@@ -47,10 +47,16 @@ class GatewayService(MultiService):
         self.listener = strports.service(port, self.site, reactor=reactor)
         self.listener.setServiceParent(self)
 
+    def when_listening(self):
+        """Fires with the listening port once startService has bound it."""
+        return self.listener._waitingForPort
+
     # -- configuration ---------------------------------------------------
 
     def apply_config(self, config):
         self.config = config
+        # Keeps the breakers of targets the new config still has.
+        self.forwarder.configure(config)
         self.body_limit = max(
             [config.settings.max_body_bytes]
             + [s.max_body_bytes for s in config.services.values()]

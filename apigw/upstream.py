@@ -6,9 +6,12 @@ shares one cookie jar between all callers and re-encodes URLs, none of which
 a proxy may do.
 """
 
-from twisted.internet import defer, error
+import random
+
+from twisted.internet import defer, error, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     FileBodyProducer,
@@ -24,7 +27,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from apigw.balancer import Balancer, BreakerRegistry
+from apigw.config import Settings
 from apigw.errors import GatewayError
+from apigw.retry import RETRYABLE_STATUSES, backoff_delay_s, is_idempotent
 
 log = Logger()
 
@@ -118,16 +124,49 @@ def body_producer(request):
     request.content.seek(0)
     if length <= _SMALL_BODY:
         return BytesProducer(request.content.read())
-    return FileBodyProducer(request.content)
+    # FileBodyProducer closes its file when done or stopped; a retry must
+    # still be able to read the body again.
+    return FileBodyProducer(_KeepOpen(request.content))
+
+
+class _KeepOpen:
+    """A view of a file whose close() leaves the file open."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def read(self, *args):
+        return self._f.read(*args)
+
+    def seek(self, *args):
+        return self._f.seek(*args)
+
+    def tell(self):
+        return self._f.tell()
+
+    def close(self):
+        pass
 
 
 class Forwarder:
     """Sends requests to upstream targets over one keep-alive pool."""
 
-    def __init__(self, reactor, metrics, clock=None, agent=None, max_idle_per_host=64):
+    def __init__(self, reactor, metrics, clock=None, agent=None, max_idle_per_host=64,
+                 breakers=None, jitter=random.random):
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._metrics = metrics
+        self._jitter = jitter
+        defaults = Settings()
+        self._backoff_base_s = defaults.backoff_base_s
+        self._backoff_max_s = defaults.backoff_max_s
+        # Owned here, not per config: breakers must outlive reloads.
+        self.breakers = breakers if breakers is not None else BreakerRegistry(
+            self._clock, defaults.breaker_failure_threshold,
+            defaults.breaker_recovery_time_s, metrics=metrics,
+        )
+        self._balancers = {}
+        self._configured = False
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         # Twisted keeps 2 idle connections per host by default: far too few
         # for a gateway, every extra one would be a new TCP handshake.
@@ -139,16 +178,103 @@ class Forwarder:
         self.pool.retryAutomatically = True
         self._agent = agent if agent is not None else Agent(reactor, pool=self.pool)
 
+    def configure(self, config):
+        """Apply a loaded or reloaded GatewayConfig: backoff and breaker
+        settings, and balancers that keep the breakers of unchanged targets."""
+        settings = config.settings
+        self._backoff_base_s = settings.backoff_base_s
+        self._backoff_max_s = settings.backoff_max_s
+        self._balancers = self.breakers.balancers(config)
+        self._configured = True
+
     def close(self):
+        self.breakers.stop()
         return self.pool.closeCachedConnections()
 
+    def balancer_for(self, service):
+        balancer = self._balancers.get(service.name)
+        if balancer is not None and balancer.targets == service.targets:
+            return balancer
+        if not self._configured:
+            balancer = self.breakers.balancer(service)
+            self._balancers[service.name] = balancer
+            return balancer
+        # A request routed before a reload that changed this service's
+        # targets: use the live breakers it shares with the new config, and
+        # throwaway ones for removed targets rather than resurrecting them.
+        return Balancer(
+            service.name, service.targets,
+            lambda t: self.breakers.breaker(service.name, t.url, register=False),
+        )
+
     async def forward(self, request, service, upstream_path, consumer=None):
-        """Proxy `request` to `service`; returns once the response is relayed."""
-        # HOOK: resilience -- one attempt on the first target for now.
-        target = service.targets[0]
-        request.attempts = 1
-        response = await self.attempt(request, service, target, upstream_path, consumer)
-        await relay(request, response)
+        """Proxy `request` to `service`; returns once the response is relayed.
+
+        Targets come round-robin past open breakers. A failed attempt of a
+        retryable request is repeated, preferably on another target, after a
+        jittered backoff on the clock. Only the final attempt's response is
+        relayed, so no retry ever follows a byte sent to the client.
+        """
+        # HOOK: resilience
+        balancer = self.balancer_for(service)
+        retryable = is_idempotent(request.method, service.retry_non_idempotent)
+        extra = service.retries if retryable else 0
+        request.attempts = 0
+        tried = []
+        outcome = breaker = None
+        try:
+            for n in range(extra + 1):
+                if n:
+                    await task.deferLater(self._clock, backoff_delay_s(
+                        n - 1, self._backoff_base_s, self._backoff_max_s, self._jitter))
+                picked = balancer.pick(exclude=tried)
+                if picked is None:
+                    break
+                if n:
+                    self._metrics.upstream_retries.labels(service.name).inc()
+                discard(outcome, self._clock, service.timeout_s)
+                outcome = None
+                target, breaker = picked
+                tried.append(target)
+                request.attempts += 1
+                outcome = await self._attempt(
+                    request, service, target, breaker, upstream_path, consumer)
+                if not _worth_retrying(outcome):
+                    break
+        except BaseException:
+            discard(outcome, self._clock, service.timeout_s)
+            raise
+        if outcome is None:
+            raise GatewayError(
+                503, f"upstream {service.name} is unavailable (circuit open)",
+                headers=[(b"retry-after", b"%d" % balancer.retry_after_s())],
+            )
+        if isinstance(outcome, GatewayError):
+            raise outcome
+        await relay(request, outcome)
+        if request.upstream_failed:
+            # Cut off mid-body: a connection failure of this target, too late
+            # to retry but not too late to count.
+            breaker.record_failure()
+
+    async def _attempt(self, request, service, target, breaker, upstream_path, consumer):
+        """One attempt reported to the target's breaker: a Response, or the
+        GatewayError it failed with."""
+        try:
+            response = await self.attempt(request, service, target, upstream_path, consumer)
+        except GatewayError as e:
+            breaker.record_failure()
+            return e
+        except BaseException:
+            # Cancelled (client gone) or a bug: no verdict on the target, but
+            # a half-open breaker must not wait forever for its probe.
+            breaker.record_cancelled()
+            raise
+        if response.code in RETRYABLE_STATUSES:
+            breaker.record_failure()
+        else:
+            breaker.record_success()
+        return response
 
     async def attempt(self, request, service, target, upstream_path, consumer=None):
         """One upstream attempt up to response headers; GatewayError on failure."""
@@ -156,7 +282,9 @@ class Forwarder:
         headers = upstream_headers(request, target, service.name, consumer)
         started = self._clock.seconds()
         d = self._agent.request(request.method, uri, headers, body_producer(request))
-        d.addTimeout(service.timeout_s, self._clock)
+        # Cancelling the Agent's Deferred fails it with ResponseNeverReceived,
+        # not CancelledError: say "timed out" explicitly when the timer fired.
+        d.addTimeout(service.timeout_s, self._clock, onTimeoutCancel=_timed_out)
         try:
             response = await d
         except defer.TimeoutError:
@@ -174,6 +302,57 @@ class Forwarder:
         return response
 
 
+def _worth_retrying(outcome):
+    if isinstance(outcome, GatewayError):
+        return True
+    return outcome.code in RETRYABLE_STATUSES
+
+
+def discard(response, clock, timeout_s):
+    """Drop a response that will not be relayed, without waiting for it."""
+    if response is None or isinstance(response, GatewayError):
+        return
+    response.deliverBody(_Drain(clock, timeout_s))
+
+
+class _Drain(Protocol):
+    """Reads a short error body so the connection can go back to the pool;
+    a long or stalled one is cut instead of holding a connection."""
+
+    def __init__(self, clock, timeout_s, limit=_SMALL_BODY):
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._left = limit
+        self._timer = None
+        self._cut_off = False
+
+    def connectionMade(self):
+        self._timer = self._clock.callLater(self._timeout_s, self._cut)
+
+    def dataReceived(self, data):
+        self._left -= len(data)
+        if self._left < 0:
+            self._cut()
+
+    def _cut(self):
+        self._cancel_timer()
+        if not self._cut_off:
+            self._cut_off = True
+            self.transport.stopProducing()
+
+    def _cancel_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason):
+        self._cancel_timer()
+
+
+def _timed_out(result, timeout_s):
+    return Failure(defer.TimeoutError(f"no response headers within {timeout_s}s"))
+
+
 def _why(failure_or_exc):
     reasons = getattr(failure_or_exc, "reasons", None)
     if reasons:
@@ -181,19 +360,46 @@ def _why(failure_or_exc):
     return str(failure_or_exc) or type(failure_or_exc).__name__
 
 
+def _connection_headers(response):
+    """Headers Agent's parser keeps to itself (Connection, Content-Length...).
+
+    Response never exposes them, but a proxy needs both: the tokens listed
+    in Connection are hop-by-hop, and Content-Length must pass through (for
+    HEAD it is the only way the client learns the size).
+    """
+    tcp = getattr(response._transport, "_producer", None)  # TransportProxyProducer
+    protocol = getattr(tcp, "protocol", None)
+    protocol = getattr(protocol, "_wrappedProtocol", protocol)  # endpoint wrapper
+    return getattr(getattr(protocol, "_parser", None), "connHeaders", None)
+
+
 def copy_response_headers(response, request):
+    conn_headers = _connection_headers(response)
     listed = connection_tokens(response.headers)
+    length = None
+    if conn_headers is not None:
+        listed |= connection_tokens(conn_headers)
+        length = conn_headers.getRawHeaders(b"content-length")
+    if length is None:
+        # HEAD and 204/304 answers keep theirs in response.headers.
+        length = response.headers.getRawHeaders(b"content-length")
+    if length is None and isinstance(response.length, int):
+        length = [b"%d" % response.length]
     out = request.responseHeaders
     for name, values in response.headers.getAllRawHeaders():
         lower = name.lower()
         if lower in _NOT_RETURNED or lower in listed or lower.startswith(b"proxy-"):
             continue
         out.setRawHeaders(name, values)
+    if length is not None:
+        out.setRawHeaders(b"content-length", length[:1])
 
 
 def relay(request, response):
     """Stream `response` to the client; fires when the client has it all."""
     request.setResponseCode(response.code, response.phrase)
+    # No invented Content-Type when the upstream sent none.
+    request.defaultContentType = None
     copy_response_headers(response, request)
     for name, value in request.extra_response_headers:
         request.responseHeaders.setRawHeaders(name, [value])
@@ -251,9 +457,10 @@ class _Relay(Protocol):
             if reason.check(ResponseDone, PotentialDataLoss):
                 request.finish()
             else:
-                # The upstream died mid-body; the client must not take a
-                # truncated body for a whole one.
+                # The upstream died mid-body. Closing without finishing (no
+                # last chunk, or short of Content-Length) tells the client
+                # the body is truncated; what was sent still gets flushed.
                 log.info("upstream body cut short: {why}", why=reason.getErrorMessage())
                 request.upstream_failed = True
-                request.channel.transport.abortConnection()
+                request.channel.transport.loseConnection()
         self._done.callback(None)
