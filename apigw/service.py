@@ -1,5 +1,7 @@
 """GatewayService: the one service tree twistd runs, and its start/stop order."""
 
+import signal
+
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -9,6 +11,7 @@ from apigw.errors import GatewayError
 from apigw.logs import AccessLog
 from apigw.metrics import Metrics, MetricsResource
 from apigw.proxy import GatewayRoot, GatewaySite, Healthz, Readyz, ServiceResource
+from apigw.ratelimit import RateLimiting, make_limiter
 from apigw.upstream import Forwarder
 
 log = Logger()
@@ -31,6 +34,9 @@ class GatewayService(MultiService):
         self.metrics = metrics if metrics is not None else Metrics()
         self.access_log = AccessLog(access_log)
         self.forwarder = Forwarder(reactor, self.metrics, clock=self.clock)
+        self.rate_limiting = RateLimiting(
+            make_limiter(config, self.clock, reactor), self.metrics, self.clock
+        )
         self.shutting_down = False
         self._in_flight = 0
         self._port_description = port
@@ -80,13 +86,15 @@ class GatewayService(MultiService):
 
     async def check_rate_limit(self, request, service, consumer):
         """Adds rate-limit headers to the request, or GatewayError 429/503."""
-        return None
+        return await self.rate_limiting.check(request, service, consumer, self.config.settings)
 
     async def readiness(self):
         """Names of the parts that are down; empty when ready."""
         down = []
         if self.shutting_down:
             down.append("shutting down")
+        if self.rate_limiting.shared and not await self.rate_limiting.ping():
+            down.append("redis")
         return down
 
     # -- in-flight accounting ------------------------------------------------
@@ -107,6 +115,7 @@ class GatewayService(MultiService):
 
     def startService(self):
         self.access_log.start()
+        self.rate_limiting.start()
         super().startService()
         log.info(
             "apigw listening on {port} with services {services}",
@@ -119,7 +128,12 @@ class GatewayService(MultiService):
 
     async def _stop(self):
         self.shutting_down = True
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            # twistd re-raises the signal that stopped it, so a clean drain
+            # would exit 143; SPEC section 8 promises exit 0 for SIGTERM.
+            self.reactor._exitSignal = None
         # Children first: this stops listening.
         await super().stopService()
         await self.forwarder.close()
+        await self.rate_limiting.stop()
         self.access_log.stop()
