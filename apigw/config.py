@@ -350,16 +350,23 @@ def _freeze(mapping):
 def load_config(path, environ=None, dotenv_path=".env"):
     """Read the YAML file and the environment (with .env under it)."""
     env = load_environment(os.environ if environ is None else environ, dotenv_path)
+    return parse_config(_read_text(path), path, env)
+
+
+def _read_text(path):
     try:
         with open(path, "rb") as f:
-            text = f.read()
+            return f.read().decode("utf-8")
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
-    try:
-        text = text.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(path, "", "is not UTF-8 text") from None
-    return parse_config(text, path, env)
+
+
+def reload_config(current):
+    """Re-read current.path. The environment is kept: the key store and
+    Redis connections it names are only made at startup."""
+    return parse_config(_read_text(current.path), current.path, current.env)
 
 
 # --- environment -------------------------------------------------------------
