@@ -1,12 +1,14 @@
 """GatewayService: the one service tree twistd runs, and its start/stop order."""
 
 import signal
+import threading
 
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from apigw.config import ConfigError, reload_config
 from apigw.errors import GatewayError
 from apigw.logs import AccessLog
 from apigw.metrics import Metrics, MetricsResource
@@ -39,6 +41,8 @@ class GatewayService(MultiService):
         )
         self.shutting_down = False
         self._in_flight = 0
+        self._drained = []
+        self._previous_sighup = None
         self._port_description = port
         self._admin_port_description = admin_port
         self.config = None
@@ -59,7 +63,37 @@ class GatewayService(MultiService):
 
     # -- configuration ---------------------------------------------------
 
+    def reload(self):
+        """Re-read the config file (SIGHUP, POST /admin/reload).
+
+        Returns the new service names, or raises ConfigError with the old
+        config still in force. In-flight requests keep the service objects
+        they were routed with; only new requests see the new config.
+        """
+        try:
+            config = reload_config(self.config)
+        except ConfigError as e:
+            self.metrics.config_reloads.labels("error").inc()
+            log.error("config reload failed, keeping the old config: {error}", error=str(e))
+            raise
+        self.apply_config(config)
+        self.metrics.config_reloads.labels("ok").inc()
+        log.info("config reloaded: services {services}", services=", ".join(config.services))
+        return sorted(config.services)
+
+    def _on_sighup(self, signum, frame):
+        # Signal handlers may run between any two bytecodes: hand the work
+        # to the reactor instead of touching state here.
+        self.reactor.callFromThread(self._reload_quietly)
+
+    def _reload_quietly(self):
+        try:
+            self.reload()
+        except ConfigError:
+            pass  # logged and counted by reload()
+
     def apply_config(self, config):
+        previous = self.service_resources
         self.config = config
         # Keeps the breakers of targets the new config still has.
         self.forwarder.configure(config)
@@ -67,10 +101,14 @@ class GatewayService(MultiService):
             [config.settings.max_body_bytes]
             + [s.max_body_bytes for s in config.services.values()]
         )
-        self.service_resources = {
-            name.encode("ascii"): ServiceResource(self, service)
-            for name, service in config.services.items()
-        }
+        resources = {}
+        for name, service in config.services.items():
+            key = name.encode("ascii")
+            old = previous.get(key)
+            # An unchanged service keeps its resource (and what hangs off it).
+            resources[key] = old if old is not None and old.service == service \
+                else ServiceResource(self, service)
+        self.service_resources = resources
 
     # -- request path hooks ------------------------------------------------
 
@@ -106,6 +144,25 @@ class GatewayService(MultiService):
     def in_flight_finished(self, request):
         self._in_flight -= 1
         self.metrics.in_flight.dec()
+        if self._in_flight == 0 and self._drained:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def _drain(self, grace_s):
+        """Fires when no request is in flight, or after grace_s at the latest."""
+        if self._in_flight == 0:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._drained.append(d)
+        log.info("draining {n} in-flight requests (up to {grace}s)",
+                 n=self._in_flight, grace=grace_s)
+        d.addTimeout(grace_s, self.clock, onTimeoutCancel=self._drain_expired)
+        return d
+
+    def _drain_expired(self, result, grace_s):
+        log.warn("shutdown grace of {grace}s over with {n} requests in flight",
+                 grace=grace_s, n=self._in_flight)
 
     @property
     def in_flight(self):
@@ -114,6 +171,8 @@ class GatewayService(MultiService):
     # -- lifecycle ---------------------------------------------------------
 
     def startService(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         self.access_log.start()
         self.rate_limiting.start()
         super().startService()
@@ -132,8 +191,12 @@ class GatewayService(MultiService):
             # twistd re-raises the signal that stopped it, so a clean drain
             # would exit 143; SPEC section 8 promises exit 0 for SIGTERM.
             self.reactor._exitSignal = None
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         # Children first: this stops listening.
         await super().stopService()
+        await self._drain(self.config.settings.shutdown_grace_s)
         await self.forwarder.close()
         await self.rate_limiting.stop()
         self.access_log.stop()
