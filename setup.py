@@ -55,7 +55,7 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/apigw_plugin.py"]},
     install_requires=[
-        "twisted>=23.10,<27",
+        "twisted[tls]>=23.10,<27",
         "treq>=23.11,<27",
         "txredisapi>=1.4.10,<2",
         "hiredis>=2.0,<4",
@@ -75,6 +75,7 @@ setup(
             "pytest>=7.4,<10",
             "pytest-twisted>=1.14,<2",
             "hypothesis>=6.80,<7",
+            "pytest-timeout>=2.1,<3",
         ],
     },
 )
