@@ -1,0 +1,296 @@
+"""The admin API (SPEC section 7): a Klein app issuing and revoking API keys.
+
+Every call passes two gates before routing matters: the caller's address
+must be inside `admin_allow`, and `X-Master-Key` must match MASTER_KEY
+(compared in constant time). Without MASTER_KEY every call is refused.
+"""
+
+import hmac
+import ipaddress
+import json
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.internet.address import UNIXAddress
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from apigw.errors import error_body, request_id_for
+from apigw.keys import KeyStoreUnavailable
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_OWNER_CHARS = 120
+MAX_EXPIRES_IN_S = 100 * 365 * 24 * 3600  # keeps expires_at a printable date
+MAX_RATE_LIMIT = 2**31 - 1
+KEY_FIELDS = ("owner", "services", "expires_in", "rate_limit")
+
+
+class AdminError(Exception):
+    """Answered as JSON `{"error": message, "request_id": ...}`."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class AdminAPI:
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, store, authenticator, master_key, admin_allow, service_names,
+                 reload=None, clock=None):
+        """`admin_allow`: networks, or a callable returning the current ones;
+        `service_names`: callable returning the configured service names;
+        `reload`: callable (may return a Deferred) giving the new config."""
+        self._store = store
+        self._authenticator = authenticator
+        self._master_key = master_key.encode("utf-8") if master_key else None
+        self._admin_allow = admin_allow if callable(admin_allow) else (lambda: admin_allow)
+        self._service_names = service_names
+        self._reload = reload
+        self._clock = clock if clock is not None else _wall_clock()
+        if self._master_key is None:
+            self.log.warn("MASTER_KEY is not set: the admin API answers 403 to every request")
+
+    def resource(self):
+        """Mount as the child `admin` of the public root."""
+        return self.app.resource()
+
+    def root_resource(self):
+        """The whole tree of the --admin-port listener: /admin/... and JSON 404s."""
+        root = _NotFoundRoot()
+        root.putChild(b"admin", self.resource())
+        return root
+
+    # --- gates and answers ----------------------------------------------------
+
+    def _refusal(self, request):
+        address = request.getClientAddress()
+        # A UNIX socket is local by construction; its file mode guards it.
+        if not isinstance(address, UNIXAddress) and not _allowed(
+            getattr(address, "host", None), self._admin_allow()
+        ):
+            return "this address may not use the admin API"
+        if self._master_key is None:
+            return "the admin API is disabled because MASTER_KEY is not set"
+        given = request.getHeader(b"x-master-key")
+        if given is None:
+            return "missing X-Master-Key header"
+        if not hmac.compare_digest(given.encode("utf-8") if isinstance(given, str) else given,
+                                   self._master_key):
+            return "wrong X-Master-Key"
+        return None
+
+    def _gate(self, request):
+        request.service_label = "admin"
+        refusal = self._refusal(request)
+        if refusal is not None:
+            raise AdminError(403, refusal)
+
+    @app.handle_errors(AdminError)
+    def _admin_error(self, request, failure):
+        return _answer_error(request, failure.value.status, failure.value.message)
+
+    @app.handle_errors(NotFound, MethodNotAllowed)
+    def _routing_error(self, request, failure):
+        # The gates come first so that no one learns the routes without the key.
+        request.service_label = "admin"
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return _answer_error(request, 403, refusal)
+        if failure.check(MethodNotAllowed):
+            allowed = ", ".join(failure.value.valid_methods or ())
+            request.setHeader(b"allow", allowed.encode("ascii"))
+            return _answer_error(request, 405, f"method not allowed here (allowed: {allowed})")
+        return _answer_error(request, 404, "no admin endpoint at this path")
+
+    @app.handle_errors(KeyStoreUnavailable)
+    def _store_down(self, request, failure):
+        return _answer_error(request, 503, "the key store is unavailable; try again shortly")
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request, failure):
+        self.log.failure("admin {method} {uri}", failure, method=request.method,
+                         uri=request.uri)
+        return _answer_error(request, 500, "internal error in the admin API")
+
+    # --- endpoints --------------------------------------------------------------
+
+    @app.route("/generate_key", methods=["POST"])
+    @app.route("/keys", methods=["POST"])
+    async def create_key(self, request):
+        self._gate(request)
+        spec = _key_spec(_json_body(request), set(self._service_names()))
+        record, raw_key = await self._store.create_key(**spec)
+        self.log.info("admin: created API key {id} ({prefix}...) for {owner}",
+                      id=record.id, prefix=record.prefix, owner=record.owner)
+        view = record.to_json(self._clock.seconds())
+        body = {"id": record.id, "api_key": raw_key}
+        body.update({k: view[k] for k in
+                     ("owner", "prefix", "services", "expires_at", "rate_limit", "created_at")})
+        return _answer(request, 201, body)
+
+    @app.route("/keys", methods=["GET"])
+    async def list_keys(self, request):
+        self._gate(request)
+        now = self._clock.seconds()
+        records = await self._store.list_keys()
+        return _answer(request, 200, {"keys": [r.to_json(now) for r in records]})
+
+    @app.route("/keys/<string:key_id>", methods=["GET"])
+    async def get_key(self, request, key_id):
+        self._gate(request)
+        record = await self._store.get_key(key_id)
+        if record is None:
+            raise AdminError(404, "no API key has this id")
+        return _answer(request, 200, record.to_json(self._clock.seconds()))
+
+    @app.route("/keys/<string:key_id>", methods=["DELETE"])
+    async def revoke_key(self, request, key_id):
+        self._gate(request)
+        if not await self._store.revoke_key(key_id):
+            raise AdminError(404, "no API key has this id")
+        # At once on this process; other processes within auth_cache_ttl.
+        self._authenticator.invalidate(key_id)
+        self.log.info("admin: revoked API key {id}", id=key_id)
+        record = await self._store.get_key(key_id)
+        return _answer(request, 200, record.to_json(self._clock.seconds()))
+
+    @app.route("/reload", methods=["POST"])
+    async def reload(self, request):
+        self._gate(request)
+        if self._reload is None:
+            raise AdminError(503, "reloading is not available in this process")
+        try:
+            config = await defer.maybeDeferred(self._reload)
+        except Exception as e:  # the reload reports what is wrong; old config kept
+            raise AdminError(400, f"reload failed, old configuration kept: {e}") from None
+        services = getattr(config, "services", None)
+        names = sorted(services) if services is not None else sorted(self._service_names())
+        return _answer(request, 200, {"status": "reloaded", "services": names})
+
+
+# --- helpers -------------------------------------------------------------------
+
+def _wall_clock():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _allowed(host, networks):
+    if host is None:
+        return False
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address.version == n.version and address in n for n in networks)
+
+
+def _request_id(request):
+    request_id = getattr(request, "request_id", None)
+    if request_id is None:
+        request_id = request.request_id = request_id_for(request)
+    return request_id
+
+
+def _answer(request, status, payload):
+    body = json.dumps(payload).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"x-request-id", _request_id(request).encode("ascii"))
+    # A new key appears in this body exactly once; no cache may keep it.
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+def _answer_error(request, status, message):
+    body = error_body(message, _request_id(request))
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"x-request-id", _request_id(request).encode("ascii"))
+    return body
+
+
+class _NotFoundRoot(Resource):
+    def getChild(self, name, request):
+        return self
+
+    def render(self, request):
+        return _answer_error(request, 404, "no admin endpoint at this path")
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_body(request):
+    raw = request.content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise AdminError(400, "the request body is larger than 64 KiB")
+    if not raw.strip():
+        raise AdminError(400, 'the request body must be a JSON object such as {"owner": "..."}')
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise AdminError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise AdminError(400, f"the request body must be a JSON object, not {_kind(body)}")
+    return body
+
+
+def _kind(value):
+    return {
+        type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+        str: "a string", list: "a list", dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def _key_spec(body, known_services):
+    """Checked create_key arguments from a request body, or AdminError 400."""
+    unknown = sorted(set(body) - set(KEY_FIELDS))
+    if unknown:
+        raise AdminError(400, f"unknown field {unknown[0]!r} (known: {', '.join(KEY_FIELDS)})")
+    owner = body.get("owner")
+    if not isinstance(owner, str):
+        raise AdminError(400, f"owner must be a string, not {_kind(owner)}")
+    if not owner.strip():
+        raise AdminError(400, "owner must not be empty")
+    if len(owner) > MAX_OWNER_CHARS:
+        raise AdminError(400, f"owner must be at most {MAX_OWNER_CHARS} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in owner):
+        # The owner travels upstream in X-Consumer-Username.
+        raise AdminError(400, "owner must not contain control characters")
+
+    services = body.get("services")
+    if services is not None:
+        if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
+            raise AdminError(400, "services must be a list of service names")
+        if not services:
+            raise AdminError(400, "services must not be empty; leave it out to allow every service")
+        missing = [s for s in services if s not in known_services]
+        if missing:
+            raise AdminError(400, f"no service named {missing[0]!r} is configured")
+        services = list(dict.fromkeys(services))
+
+    expires_in = body.get("expires_in")
+    if expires_in is not None:
+        if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)):
+            raise AdminError(400, f"expires_in must be a number of seconds, not {_kind(expires_in)}")
+        if not 0 < expires_in <= MAX_EXPIRES_IN_S:
+            raise AdminError(400, f"expires_in must be more than 0 and at most "
+                                  f"{MAX_EXPIRES_IN_S} seconds")
+
+    rate_limit = body.get("rate_limit")
+    if rate_limit is not None:
+        if isinstance(rate_limit, bool) or not isinstance(rate_limit, int):
+            raise AdminError(400, f"rate_limit must be an integer, not {_kind(rate_limit)}")
+        if not 0 < rate_limit <= MAX_RATE_LIMIT:
+            raise AdminError(400, f"rate_limit must be a positive integer up to {MAX_RATE_LIMIT}")
+    return {"owner": owner, "services": services, "expires_in_s": expires_in,
+            "rate_limit": rate_limit}

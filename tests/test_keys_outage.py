@@ -1,0 +1,152 @@
+"""PostgreSQL outages against a private server this test starts, stops and
+restarts itself (never the shared one)."""
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from apigw.keys import AuthFailure, Authenticator, KeyStore, KeyStoreUnavailable
+from keys_support import real_sleep
+
+pytestmark = pytest.mark.slow
+
+
+def _pg_bin():
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    return os.path.dirname(initdb) if initdb else None
+
+
+class PrivatePostgres:
+    """initdb into a temp dir and pg_ctl on a free loopback port."""
+
+    def __init__(self):
+        self.bin = _pg_bin()
+        self.base = tempfile.mkdtemp(prefix="apigw-pg-")
+        self.data = os.path.join(self.base, "data")
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        # PostgreSQL refuses to run as root; run it as the postgres user then.
+        self.prefix = []
+        if os.geteuid() == 0:
+            shutil.chown(self.base, user="postgres")
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *args):
+        subprocess.run(self.prefix + list(args), check=True, timeout=60,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def init(self):
+        self._run(os.path.join(self.bin, "initdb"), "-D", self.data, "-A", "trust",
+                  "-U", "postgres", "-E", "UTF8", "--no-sync")
+
+    def start(self):
+        options = f"-p {self.port} -k {self.base} -h 127.0.0.1 -F"
+        self._run(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-o", options,
+                  "-l", os.path.join(self.base, "log"), "-w", "-t", "30", "start")
+
+    def stop(self):
+        self._run(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-m", "fast", "-w",
+                  "-t", "30", "stop")
+
+    def running(self):
+        return os.path.exists(os.path.join(self.data, "postmaster.pid"))
+
+    @property
+    def url(self):
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def cleanup(self):
+        if self.running():
+            self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture
+def private_pg():
+    if _pg_bin() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb) on this machine")
+    pg = PrivatePostgres()
+    try:
+        pg.init()
+        pg.start()
+    except (subprocess.SubprocessError, OSError, LookupError) as e:
+        pg.cleanup()
+        pytest.skip(f"cannot start a private PostgreSQL here: {e}")
+    try:
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+async def failure_of(d):
+    try:
+        result = await d
+    except Exception as e:
+        return e
+    raise AssertionError(f"expected a failure, got {result!r}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_cached_keys_work_uncached_get_unavailable_then_recovers(private_pg):
+    """When Postgres stops, cached keys still pass and others are unavailable (never 401); when it returns, all work again."""
+    store = KeyStore(private_pg.url, reactor, query_timeout_s=5)
+    await store.start()
+    clock = Clock()
+    auth = Authenticator(store, clock, cache_ttl_s=10)
+    try:
+        hot, hot_raw = await store.create_key("hot")
+        cold, cold_raw = await store.create_key("cold")
+        assert (await auth.authenticate(hot_raw)).id == hot.id
+
+        private_pg.stop()
+        clock.advance(60)  # the hot entry is stale now: a refresh is attempted and fails
+        assert (await auth.authenticate(hot_raw)).id == hot.id
+        error = await failure_of(auth.authenticate(cold_raw))
+        assert isinstance(error, KeyStoreUnavailable) and not isinstance(error, AuthFailure)
+        assert isinstance(await failure_of(store.create_key("during")), KeyStoreUnavailable)
+        assert isinstance(await failure_of(store.ping()), KeyStoreUnavailable)
+        assert not store.ready
+
+        private_pg.start()
+        # The same store, no intervention: its pool reconnects by itself.
+        assert (await auth.authenticate(cold_raw)).id == cold.id
+        assert store.ready
+        clock.advance(60)
+        assert (await auth.authenticate(hot_raw)).id == hot.id
+        assert (await store.create_key("after"))[0].owner == "after"
+    finally:
+        await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_started_during_outage_heals_by_itself(private_pg):
+    """When the gateway starts while Postgres is down, the schema is made once it comes back."""
+    private_pg.stop()
+    store = KeyStore(private_pg.url, reactor, query_timeout_s=5)
+    await store.start()  # no exception: the process keeps serving
+    try:
+        assert not store.ready
+        assert isinstance(await failure_of(store.lookup_by_hash("0" * 64)), KeyStoreUnavailable)
+        private_pg.start()
+        for _ in range(100):  # first retry is due after 1 s
+            if store.ready:
+                break
+            await real_sleep(0.05)
+        assert store.ready
+        record, raw = await store.create_key("late")
+        assert (await Authenticator(store, Clock(), 10).authenticate(raw)).id == record.id
+    finally:
+        await store.stop()
