@@ -12,6 +12,8 @@ import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from apigw.errors import GatewayError
+
 ALGORITHMS = ("fixed_window", "sliding_window")
 
 
@@ -52,6 +54,12 @@ def rate_limit_headers(decision, period_s):
     if not decision.allowed:
         headers.append((b"Retry-After", b"%d" % decision.retry_after_s))
     return headers
+
+
+def _checked(algorithm):
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown rate limit algorithm {algorithm!r}")
+    return algorithm
 
 
 def _period_ms(period_s):
@@ -104,9 +112,7 @@ class MemoryLimiter:
     sweep_interval_s = 60.0
 
     def __init__(self, algorithm, clock):
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown rate limit algorithm {algorithm!r}")
-        self._sliding = algorithm == "sliding_window"
+        self._algorithm = _checked(algorithm)
         self._clock = clock
         self._buckets = {}  # bucket -> (state, expires_ms)
         self._next_sweep_ms = 0
@@ -121,17 +127,17 @@ class MemoryLimiter:
     def ping(self):
         return defer.succeed(True)
 
-    def check(self, bucket, limit, period_s):
+    def check(self, bucket, limit, period_s, algorithm=None):
+        """A Deferred Decision; `algorithm` overrides the default (config reloads)."""
+        sliding = _checked(algorithm or self._algorithm) == "sliding_window"
         now_ms = round(self._clock.seconds() * 1000)
         self._sweep(now_ms)
         period_ms = _period_ms(period_s)
         entry = self._buckets.get(bucket)
-        state, outcome = decide(
-            entry[0] if entry else None, now_ms, limit, period_ms, self._sliding
-        )
+        state, outcome = decide(entry[0] if entry else None, now_ms, limit, period_ms, sliding)
         if outcome[0]:
             # A sliding window's count still matters during the next window.
-            lifetime = (state[0] + (2 if self._sliding else 1)) * period_ms
+            lifetime = (state[0] + (2 if sliding else 1)) * period_ms
             self._buckets[bucket] = (state, lifetime)
         return defer.succeed(_decision(limit, *outcome))
 
@@ -190,16 +196,12 @@ LUA_CHECK_SHA = hashlib.sha1(LUA_CHECK.encode("utf-8")).hexdigest()
 class RedisLimiter:
     """Counters in Redis, shared by every gateway process: one EVALSHA each."""
 
-    log = Logger()
-
     def __init__(
         self, redis_url, algorithm, clock, timeout_s=0.1, key_prefix="apigw:rl:",
         poolsize=2, reactor=None,
     ):
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown rate limit algorithm {algorithm!r}")
         self._url = redis_url
-        self._sliding = b"1" if algorithm == "sliding_window" else b"0"
+        self._algorithm = _checked(algorithm)
         self._clock = clock
         self._timeout_s = timeout_s
         self._prefix = key_prefix
@@ -252,25 +254,28 @@ class RedisLimiter:
         d.addCallbacks(lambda _: True, lambda _: False)
         return d
 
-    def check(self, bucket, limit, period_s):
-        return defer.Deferred.fromCoroutine(self._check(bucket, limit, period_s))
+    def check(self, bucket, limit, period_s, algorithm=None):
+        """A Deferred Decision, or LimiterUnavailable within about timeout_s."""
+        return defer.Deferred.fromCoroutine(
+            self._check(bucket, limit, period_s, _checked(algorithm or self._algorithm))
+        )
 
-    async def _check(self, bucket, limit, period_s):
+    async def _check(self, bucket, limit, period_s, algorithm):
         # With reconnect on, txredisapi queues commands while disconnected and
         # never fails them (its issue #112): answer at once instead, and bound
         # everything else with a timeout.
         if not self.connected:
             raise LimiterUnavailable("not connected to Redis")
         keys = [self._prefix + bucket]
-        args = [limit, _period_ms(period_s), self._sliding]
+        args = [limit, _period_ms(period_s), b"1" if algorithm == "sliding_window" else b"0"]
         d = self._evaluate(keys, args)
         d.addTimeout(self._timeout_s, self._clock)
         try:
             allowed, remaining, reset_ms, retry_ms = await d
         except defer.TimeoutError:
             raise LimiterUnavailable(f"no answer from Redis in {self._timeout_s} s") from None
-        except LimiterUnavailable:
-            raise
+        except (LimiterUnavailable, defer.CancelledError):
+            raise  # cancelled: the client left, Redis is fine
         except Exception as e:
             raise LimiterUnavailable(f"Redis failed: {e}") from None
         return _decision(limit, allowed, remaining, reset_ms, retry_ms)
@@ -286,3 +291,102 @@ class RedisLimiter:
             return redis.execute_command("EVAL", LUA_CHECK, len(keys), *keys, *args)
 
         return redis.evalsha(LUA_CHECK_SHA, keys, args).addErrback(reload)
+
+
+def make_limiter(config, clock, reactor=None):
+    """Redis when REDIS_URL is set (shared by every process), else in process."""
+    algorithm = config.settings.rate_limit_algorithm
+    if config.env.redis_url:
+        from apigw.config import parse_redis_url
+
+        url = parse_redis_url(config.env.redis_url)
+        return RedisLimiter(url, algorithm, clock, reactor=reactor)
+    return MemoryLimiter(algorithm, clock)
+
+
+class RateLimiting:
+    """The request-path side: bucket, limit, headers, 429 and the failure policy."""
+
+    log = Logger()
+    failure_report_interval_s = 5.0
+
+    def __init__(self, limiter, metrics, clock):
+        self.limiter = limiter
+        self._metrics = metrics
+        self._clock = clock
+        self._failing = False
+        self.failures = 0  # requests the limiter could not decide, since start
+        self._unreported = 0
+        self._reported_at = None
+
+    @property
+    def shared(self):
+        return isinstance(self.limiter, RedisLimiter)
+
+    def start(self):
+        self.limiter.start()
+
+    def stop(self):
+        return self.limiter.stop()
+
+    def ping(self):
+        return self.limiter.ping()
+
+    async def check(self, request, service, consumer, settings):
+        """Adds the headers to `request`, or raises GatewayError 429 (or 503)."""
+        limit = service.rate_limit
+        if consumer is not None and consumer.rate_limit is not None:
+            limit = consumer.rate_limit
+        if limit is None:
+            return None
+        bucket = bucket_for(
+            service.name, consumer.id if consumer is not None else None, request.client_ip
+        )
+        period_s = settings.rate_period_s
+        try:
+            decision = await self.limiter.check(
+                bucket, limit, period_s, settings.rate_limit_algorithm
+            )
+        except LimiterUnavailable as e:
+            closed = settings.rate_limit_failure == "closed"
+            self._failed(e, "refused with 503" if closed else "let through without a limit")
+            if closed:
+                raise GatewayError(503, "the rate limiter is unavailable; try again later")
+            return None
+        self._recovered()
+        headers = rate_limit_headers(decision, period_s)
+        if not decision.allowed:
+            self._metrics.rate_limited.labels(service.name).inc()
+            raise GatewayError(
+                429, f"rate limit exceeded: {limit} requests per {period_s:g} s", headers=headers
+            )
+        request.extra_response_headers.extend(headers)
+        return decision
+
+    def _failed(self, why, outcome):
+        # One line per interval, not per request: an outage at 1000 req/s
+        # must not flood the log.
+        self._failing = True
+        self.failures += 1
+        self._unreported += 1
+        now = self._clock.seconds()
+        last = self._reported_at
+        if last is not None and now - last < self.failure_report_interval_s:
+            return
+        self.log.warn(
+            "rate limiter unavailable ({why}); {count} request(s) {outcome}"
+            " since the last report",
+            why=why, count=self._unreported, outcome=outcome,
+        )
+        self._reported_at = now
+        self._unreported = 0
+
+    def _recovered(self):
+        if self._failing:
+            self._failing = False
+            self.log.info(
+                "rate limiter available again ({count} more request(s) since the last report)",
+                count=self._unreported,
+            )
+            self._unreported = 0
+            self._reported_at = None

@@ -2,8 +2,6 @@
 
 import os
 import signal
-import socket
-import subprocess
 import time
 import uuid
 
@@ -11,18 +9,23 @@ import pytest
 import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
-from apigw.config import RedisURL
+from apigw.config import Environment, RedisURL, Settings, parse_config
+from apigw.errors import GatewayError
+from apigw.metrics import Metrics
 from apigw.ratelimit import (
     Decision,
     LimiterUnavailable,
     MemoryLimiter,
+    RateLimiting,
     RedisLimiter,
     bucket_for,
     rate_limit_headers,
 )
+from tests.ratelimit_support import PrivateRedis, sleep
 
 SHARED_REDIS = RedisURL(host="127.0.0.1", port=6379, db=9, password=None)
 
@@ -177,12 +180,6 @@ def test_headers_carry_both_families_and_retry_after_on_refusal():
 # --- Redis ---------------------------------------------------------------------
 
 
-def sleep(seconds):
-    from twisted.internet import reactor
-
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
 async def redis_time(limiter):
     seconds, micros = await limiter._factory.handler.time()
     return int(seconds) + int(micros) / 1e6
@@ -240,53 +237,10 @@ def redis_limiter_factory():
     pytest_twisted.blockon(defer.ensureDeferred(cleanup()))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateRedis:
-    """A redis-server of this test's own, on a free port, killed by PID."""
-
-    def __init__(self, tmp_path):
-        self.port = free_port()
-        self.dir = tmp_path
-        self.process = None
-
-    def start(self):
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert self.process.poll() is None, "redis-server exited"
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-
-    def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=5)
-        self.process = None
-
-    @property
-    def url(self):
-        return RedisURL(host="127.0.0.1", port=self.port, db=0, password=None)
-
-
 @pytest.fixture
 def private_redis(tmp_path):
     server = PrivateRedis(tmp_path)
     yield server
-    if server.process is not None and server.process.poll() is None:
-        os.kill(server.process.pid, signal.SIGCONT)
     server.stop()
 
 
@@ -392,6 +346,11 @@ async def test_redis_that_stops_answering_times_out(redis_limiter_factory, priva
         with pytest.raises(LimiterUnavailable):
             await limiter.check("h", 5, 60)
         assert 0.09 <= time.monotonic() - started < 0.5
+        # A client that leaves cancels its check: that is no limiter failure.
+        abandoned = limiter.check("h", 5, 60)
+        abandoned.cancel()
+        with pytest.raises(defer.CancelledError):
+            await abandoned
     finally:
         os.kill(private_redis.process.pid, signal.SIGCONT)
     assert (await limiter.check("h", 5, 60)).allowed
@@ -410,3 +369,37 @@ async def test_redis_down_at_start_does_not_block_and_connects_later(
     private_redis.start()
     await wait_connected(limiter)
     assert (await limiter.check("d", 5, 60)).allowed
+
+
+class FakeRequest:
+    client_ip = "10.1.2.3"
+
+    def __init__(self):
+        self.extra_response_headers = []
+
+
+def test_limiter_outage_is_logged_once_per_interval_and_counted():
+    """When the shared limiter is down, every request counts but the log gets one line per interval."""
+    clock = Clock()
+    unstarted = RedisLimiter(SHARED_REDIS, "fixed_window", clock)
+    gate = RateLimiting(unstarted, Metrics(), clock)
+    service = parse_config(
+        "services:\n  a:\n    url: http://127.0.0.1:1\n", "t.yaml", Environment()
+    ).services["a"]
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(3):
+            assert result_of(defer.ensureDeferred(
+                gate.check(FakeRequest(), service, None, Settings())
+            )) is None
+        clock.advance(gate.failure_report_interval_s)
+        closed = Settings(rate_limit_failure="closed")
+        with pytest.raises(GatewayError) as refused:
+            result_of(defer.ensureDeferred(gate.check(FakeRequest(), service, None, closed)))
+        assert refused.value.status == 503
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [e for e in events if e.get("log_namespace") == "apigw.ratelimit.RateLimiting"]
+    assert [e["count"] for e in warnings] == [1, 3]
+    assert gate.failures == 4
