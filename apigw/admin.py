@@ -167,8 +167,12 @@ class AdminAPI:
             config = await defer.maybeDeferred(self._reload)
         except Exception as e:  # the reload reports what is wrong; old config kept
             raise AdminError(400, f"reload failed, old configuration kept: {e}") from None
-        services = getattr(config, "services", None)
-        names = sorted(services) if services is not None else sorted(self._service_names())
+        if isinstance(config, (list, tuple)):
+            names = sorted(config)
+        elif getattr(config, "services", None) is not None:
+            names = sorted(config.services)
+        else:
+            names = sorted(self._service_names())
         return _answer(request, 200, {"status": "reloaded", "services": names})
 
 

@@ -313,7 +313,7 @@ async def test_reload_answers_with_services_or_the_error(store, clock):
     api, _ = make_api(store, clock, reload=reload)
     client = Client(mounted(api))
     response, body = await client.call("POST", "/admin/reload")
-    assert response.code == 200 and body["services"] == list(SERVICES)
+    assert response.code == 200 and body["services"] == ["a", "b"]
     response, body = await client.call("POST", "/admin/reload")
     assert response.code == 400 and "services.x.url: not http(s)" in body["error"]
 
