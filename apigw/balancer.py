@@ -67,9 +67,14 @@ class BreakerRegistry:
         self._metrics = metrics
         self._breakers = {}
 
-    def breaker(self, service, url):
+    def breaker(self, service, url, register=True):
+        """The breaker of (service, url), created if new. With register=False
+        a missing one is made detached (no registry entry, no gauge): for a
+        request still running on a config that has since dropped the target."""
         key = (service, url)
         breaker = self._breakers.get(key)
+        if breaker is None and not register:
+            return CircuitBreaker(self._failure_threshold, self._recovery_time_s, self._clock)
         if breaker is None:
             breaker = CircuitBreaker(
                 self._failure_threshold,

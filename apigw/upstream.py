@@ -263,6 +263,12 @@ class Forwarder:
         try:
             response = await self.attempt(request, service, target, upstream_path, consumer)
         except GatewayError as e:
+            if request._disconnected:
+                # The client left; cancelling the Agent's Deferred surfaces as
+                # a failed request. Not the target's fault, and nobody waits
+                # for a retry.
+                breaker.record_cancelled()
+                raise defer.CancelledError() from None
             breaker.record_failure()
             return e
         except BaseException:
