@@ -13,9 +13,12 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from apigw.channel import ConnectionLimit, GatewayChannel
 from apigw.errors import GatewayError, error_response, request_id_for
 
 log = Logger()
+
+REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
 
 # Not counted in request metrics nor logged per request (SPEC section 5).
 UNCOUNTED = frozenset({b"/metrics", b"/healthz", b"/readyz"})
@@ -74,6 +77,16 @@ class GatewayRequest(server.Request):
             self._started = gateway.clock.seconds()
             gateway.in_flight_started(self)
             self.notifyFinish().addBoth(self._account, gateway)
+        if self.method in REFUSED_METHODS:
+            # A gateway is not a forward proxy (CONNECT), and TRACE would
+            # echo credentials back to scripts (cross-site tracing).
+            error_response(self, 405, f"method {self.method.decode('ascii', 'replace')} is not allowed")
+            return
+        if not self.uri.startswith(b"/"):
+            # Absolute-form targets ask for forward proxying; refuse rather
+            # than guess which host was meant.
+            error_response(self, 400, "the request target must be a path starting with /")
+            return
         super().process()
 
     def write(self, data):
@@ -107,11 +120,30 @@ class GatewayRequest(server.Request):
 
 class GatewaySite(server.Site):
     requestFactory = GatewayRequest
+    protocol = GatewayChannel
     noisy = False
+    header_timeout_s = 10.0
+    # Idle keep-alive connections are closed after this long (twisted.web's
+    # default is 12 hours).
+    idle_timeout_s = 60.0
+    max_connections = 10000
 
     def __init__(self, resource, gateway, **kwargs):
+        kwargs.setdefault("timeout", self.idle_timeout_s)
         super().__init__(resource, **kwargs)
         self.gateway = gateway
+        self.connections = ConnectionLimit(self.max_connections, gateway.clock)
+
+    def buildProtocol(self, addr):
+        if not self.connections.admit(addr):
+            return None  # closes the connection at once
+        return super().buildProtocol(addr)
+
+    def connection_opened(self, channel):
+        self.connections.open += 1
+
+    def connection_closed(self, channel):
+        self.connections.open -= 1
 
     def log(self, request):
         # The access log is ours (apigw.logs), one JSON record per request.

@@ -1,0 +1,140 @@
+"""Hostile HTTP input: each gets a clear 4xx or a closed connection, reaches no
+upstream, and the gateway keeps serving everyone else."""
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+
+from tests.helpers import _Collect, http, raw_exchange, start_gateway
+from tests.upstreams import TestUpstream
+
+
+@pytest_twisted.async_yield_fixture
+async def gw():
+    upstream = TestUpstream().start()
+    service, base = await start_gateway(
+        f"services:\n  pub:\n    url: {upstream.url}\n    auth: false\n"
+    )
+    yield service, base, upstream
+    await service.stopService()
+    await upstream.stop()
+
+
+def _port(base):
+    return int(base.rsplit(":", 1)[1])
+
+
+HOSTILE = {
+    "request line too long": (b"GET /pub/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"414"),
+    "header line too long": (b"GET /pub/x HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n", b"431"),
+    "too many headers": (b"GET /pub/x HTTP/1.1\r\nHost: x\r\n"
+                         + b"".join(b"X-%d: a\r\n" % i for i in range(150)) + b"\r\n", b"400"),
+    "headers too large in total": (b"GET /pub/x HTTP/1.1\r\nHost: x\r\n"
+                                   + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 4000) for i in range(9)) + b"\r\n", b"400"),
+    "NUL in a header value": (b"GET /pub/x HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", b"400"),
+    "bare CR in a header value": (b"GET /pub/x HTTP/1.1\r\nHost: x\r\nX-A: a\rX-Injected: 1\r\n\r\n", b"400"),
+    "Content-Length with Transfer-Encoding": (
+        b"POST /pub/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /pub/smuggled HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+    "two different Content-Lengths": (
+        b"POST /pub/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", b"400"),
+    "invalid chunk size": (
+        b"POST /pub/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", b"400"),
+    "transfer coding other than chunked": (
+        b"POST /pub/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", b"400"),
+    "negative Content-Length": (b"POST /pub/x HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", b"400"),
+    # Well-formed HTTP, so the connection may stay open: ask for close.
+    "absolute-URI request target": (
+        b"GET http://evil.example/pub/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"400"),
+    "CONNECT": (
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n", b"405"),
+    "TRACE": (b"TRACE /pub/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"405"),
+    "non-ASCII path": (b"GET /pub/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+    "space before colon": (b"GET /pub/x HTTP/1.1\r\nHost: x\r\nX-A : b\r\n\r\n", b"400"),
+    "HTTP/0.9 request": (b"GET /pub/x\r\n\r\n", b"400"),
+    "unknown HTTP version": (b"GET /pub/x HTTP/9.9\r\nHost: x\r\n\r\n", b"400"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+@pytest_twisted.ensureDeferred
+async def test_hostile_request_gets_4xx_and_reaches_nothing(gw, case):
+    """When a client sends a malformed or dangerous request, it gets a 4xx, nothing reaches the upstream, and others are still served."""
+    service, base, upstream = gw
+    payload, status = HOSTILE[case]
+    data = await raw_exchange(_port(base), payload)
+    assert data.split(b"\r\n", 1)[0].split(b" ")[1] == status, data[:200]
+    assert upstream.requests == []
+    assert b"X-Injected" not in data
+    reply = await http("GET", base + "/pub/ok")
+    assert reply.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_slowloris_head_is_dropped_while_others_are_served(gw):
+    """When a client trickles its request head, it is dropped after the header timeout while other clients are served."""
+    service, base, upstream = gw
+    service.site.header_timeout_s = 0.5
+    proto = _Collect()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", _port(base)), proto)
+    started = reactor.seconds()
+    line = b"GET /pub/x HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    for i, byte in enumerate(line):
+        if proto.done.called:
+            break
+        proto.transport.write(bytes([byte]))
+        await deferLater(reactor, 0.02, lambda: None)
+        if i == 5:
+            # Meanwhile, another client is served at once.
+            assert (await http("GET", base + "/pub/fast")).code == 200
+    data = await proto.done
+    assert reactor.seconds() - started < 3
+    assert data.startswith(b"HTTP/1.1 408")
+    assert [r["uri"] for r in upstream.requests] == ["/fast"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_connection_is_dropped_after_header_timeout(gw):
+    """When a client connects and sends nothing, the connection is closed after the header timeout."""
+    service, base, upstream = gw
+    service.site.header_timeout_s = 0.3
+    started = reactor.seconds()
+    data = await raw_exchange(_port(base), b"", timeout_s=5)
+    assert 0.25 < reactor.seconds() - started < 3
+    assert data.startswith(b"HTTP/1.1 408")
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_flood_is_capped_with_one_log_line(gw):
+    """When idle connections exceed the limit, extra ones are closed at once and one log line says so."""
+    service, base, upstream = gw
+    service.site.connections.limit = 3
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    held = []
+    try:
+        for _ in range(3):
+            proto = _Collect()
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", _port(base)), proto)
+            held.append(proto)
+        refused = []
+        for _ in range(5):
+            proto = _Collect()
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", _port(base)), proto)
+            refused.append(proto)
+        for proto in refused:
+            await proto.done  # closed by the gateway without an answer
+        assert all(not p.done.called for p in held)
+        for proto in held:
+            proto.transport.loseConnection()
+            await proto.done
+        await deferLater(reactor, 0.05, lambda: None)
+        assert (await http("GET", base + "/pub/after")).code == 200
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    limit_lines = [e for e in events if "connection limit" in e.get("log_format", "")]
+    assert len(limit_lines) == 1
+    assert limit_lines[0]["limit"] == 3
