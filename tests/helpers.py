@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import attr
@@ -39,7 +40,10 @@ class Reply:
 
 async def start_gateway(yaml_text, env=None, **kwargs):
     """A started GatewayService on 127.0.0.1:<free>; returns (service, base URL)."""
-    config = parse_config(yaml_text, "test.yaml", env or Environment())
+    if env is None:
+        # A private SQLite file: never the repository's apigw.db.
+        env = Environment(database_url=f"sqlite:///{tempfile.mkdtemp()}/apigw.db")
+    config = parse_config(yaml_text, "test.yaml", env)
     service = GatewayService(config, port="tcp:0:interface=127.0.0.1", **kwargs)
     service.startService()
     port = await service.when_listening()

@@ -51,7 +51,7 @@ async def test_reload_applies_to_new_requests_and_in_flight_finish_on_old(tmp_pa
     first, second = upstreams
     path = tmp_path / "gw.yaml"
     path.write_text(_yaml({"svc": first.url, "gone": first.url}))
-    config = parse_config(path.read_text(), str(path), Environment())
+    config = parse_config(path.read_text(), str(path), Environment(database_url=f"sqlite:///{tmp_path}/gw.db"))
     from apigw.service import GatewayService
 
     service = GatewayService(config, port="tcp:0:interface=127.0.0.1")
@@ -83,7 +83,7 @@ async def test_invalid_reload_keeps_old_config(tmp_path, upstreams):
     first, _ = upstreams
     path = tmp_path / "gw.yaml"
     path.write_text(_yaml({"svc": first.url}))
-    config = parse_config(path.read_text(), str(path), Environment())
+    config = parse_config(path.read_text(), str(path), Environment(database_url=f"sqlite:///{tmp_path}/gw.db"))
     from apigw.config import ConfigError
     from apigw.service import GatewayService
 
@@ -223,7 +223,7 @@ async def test_tls_listener_serves_https(tmp_path, upstreams):
     first, _ = upstreams
     key_path, cert_path = _make_cert(tmp_path)
     port = free_port()
-    config = parse_config(_yaml({"svc": first.url}), "t.yaml", Environment())
+    config = parse_config(_yaml({"svc": first.url}), "t.yaml", Environment(database_url=f"sqlite:///{tmp_path}/gw.db"))
     from apigw.service import GatewayService
 
     service = GatewayService(
