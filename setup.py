@@ -65,6 +65,8 @@ setup(
         "klein>=23.5,<25",
         "python-dotenv>=1.0,<2",
         "attrs>=22.2",
+        # The upstream client's framing: llhttp, Node's HTTP parser.
+        "httptools>=0.6,<1",
     ],
     entry_points={
         "console_scripts": ["apigw-demo-backends = apigw.demo:main"],
