@@ -9,6 +9,10 @@ LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
 
+KNOWN_METHODS = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE"}
+)
+
 BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
 
@@ -16,6 +20,7 @@ class Metrics:
     def __init__(self, registry=None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._request_children = {}
         self.requests_total = Counter(
             "gateway_requests_total", "Total requests through gateway",
             ["service", "method", "status"], registry=r,
@@ -53,6 +58,25 @@ class Metrics:
             "gateway_config_reloads_total", "Configuration reloads by result",
             ["result"], registry=r,
         )
+
+    def observe_request(self, service, method, status, latency_s):
+        """Count one finished request; label children are looked up once.
+
+        The method label is bounded: any client can invent method names,
+        and each would otherwise become a new time series.
+        """
+        key = (service, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            label = method.decode("ascii") if method in KNOWN_METHODS else "OTHER"
+            children = (
+                self.requests_total.labels(service, label, str(status)),
+                self.request_latency.labels(service),
+            )
+            if len(self._request_children) < 10000:
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(latency_s)
 
     def render(self):
         return generate_latest(self.registry)

@@ -99,10 +99,7 @@ class GatewayRequest(server.Request):
         status = self.code if result is None else 499  # 499: client closed first
         if self.upstream_failed:
             status = 502
-        gateway.metrics.requests_total.labels(
-            self.service_label, self.method.decode("ascii", "replace"), str(status)
-        ).inc()
-        gateway.metrics.request_latency.labels(self.service_label).observe(latency_s)
+        gateway.metrics.observe_request(self.service_label, self.method, status, latency_s)
         gateway.access_log.record({
             "request_id": self.request_id,
             "method": self.method.decode("ascii", "replace"),

@@ -160,14 +160,17 @@ async def test_metrics_exact_deltas_and_bounded_labels(upstreams):
         await http("POST", base + "/svc/status?code=503", body=b"x")
         for path in ("/random-1", "/random-2/deep"):
             await http("GET", base + path)
+        for method in ("FOO1", "FOO2"):
+            await http(method, base + "/svc/x")
         await http("GET", base + "/healthz")
         text = (await http("GET", base + "/metrics")).body.decode()
         assert 'gateway_requests_total{method="GET",service="svc",status="200"} 3.0' in text
         assert 'gateway_requests_total{method="POST",service="svc",status="503"} 1.0' in text
         assert 'gateway_requests_total{method="GET",service="unknown",status="404"} 2.0' in text
-        assert 'gateway_request_latency_seconds_count{service="svc"} 4.0' in text
-        assert 'gateway_upstream_latency_seconds_count{service="svc"} 4.0' in text
-        assert "random" not in text and "healthz" not in text
+        assert 'gateway_request_latency_seconds_count{service="svc"} 6.0' in text
+        assert 'gateway_upstream_latency_seconds_count{service="svc"} 6.0' in text
+        assert 'gateway_requests_total{method="OTHER",service="svc",status="200"} 2.0' in text
+        assert "random" not in text and "healthz" not in text and "FOO" not in text
         assert "gateway_in_flight_requests 0.0" in text
     finally:
         await service.stopService()
