@@ -254,6 +254,14 @@ def test_stale_connection_not_retried_when_unsafe(mem, method, body, why):
     assert why in str(results[0].value)
 
 
+def test_stale_post_retried_when_the_pool_allows_it(mem):
+    """When the pool is told non-idempotent replays are safe, a stale POST is resent once."""
+    mem.pool.retry_non_idempotent = True
+    results = stale(mem, method=b"POST", body=Bytes(b"form"))
+    answer(mem, OK)
+    assert results[0].code == 200 and len(mem.endpoint.connections) == 2
+
+
 def test_early_answer_while_sending_closes_connection(mem):
     """When the upstream answers before the body is sent, the producer stops and the connection is not reused."""
     stream = Stream(10 * MB, clock=mem.clock)
@@ -273,7 +281,7 @@ def test_bytes_on_an_idle_connection_drop_it(mem):
 
 def test_idle_check_sees_a_peer_close_before_sending():
     """When the peer has already closed a pooled socket, the connection is found dead before use."""
-    from apigw.h1client import _Connection
+    from apigw.h1connection import _Connection
     ours, theirs = socket.socketpair()
     conn = _Connection(None, None)
     conn._sock = ours
@@ -580,3 +588,4 @@ async def test_https_same_answer_as_agent_and_reused():
     finally:
         await fast_pool.closeCachedConnections()
         await site.stop()
+
