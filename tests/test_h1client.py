@@ -431,6 +431,26 @@ async def test_stale_connection_retried_on_loopback(agents):
         await server.stop()
 
 
+
+@pytest_twisted.ensureDeferred
+async def test_connection_closed_while_idle_is_not_used(agents):
+    """When the server closes a pooled connection while it idles, the next request goes out on a fresh one."""
+
+    def answer_then_hang_up(conn, body):
+        conn.transport.write(OK)
+        reactor.callLater(0.05, conn.transport.loseConnection)
+
+    server = ScriptedServer({b"/s": answer_then_hang_up}).start()
+    try:
+        await fetch(agents[1], b"GET", server.url + b"/s")
+        await within(defer.DeferredList([c.lost for c in list(server.open)]))
+        await task.deferLater(reactor, 0.05)
+        assert agents[1].pool.idle_count(server.url) == 0
+        assert (await fetch(agents[1], b"GET", server.url + b"/s"))["code"] == 200
+        assert server.connections == 2 and len(server.requests) == 2
+    finally:
+        await server.stop()
+
 @pytest.mark.parametrize("path, headers", [
     (b"/close", None),
     (b"/http10", None),
