@@ -208,6 +208,7 @@ class RedisLimiter:
         self._poolsize = poolsize
         self._reactor = reactor
         self._factory = None
+        self._next = 0
 
     @property
     def connected(self):
@@ -255,42 +256,56 @@ class RedisLimiter:
         return d
 
     def check(self, bucket, limit, period_s, algorithm=None):
-        """A Deferred Decision, or LimiterUnavailable within about timeout_s."""
-        return defer.Deferred.fromCoroutine(
-            self._check(bucket, limit, period_s, _checked(algorithm or self._algorithm))
-        )
+        """A Deferred Decision, or LimiterUnavailable within about timeout_s.
 
-    async def _check(self, bucket, limit, period_s, algorithm):
-        # With reconnect on, txredisapi queues commands while disconnected and
-        # never fails them (its issue #112): answer at once instead, and bound
-        # everything else with a timeout.
-        if not self.connected:
-            raise LimiterUnavailable("not connected to Redis")
-        keys = [self._prefix + bucket]
-        args = [limit, _period_ms(period_s), b"1" if algorithm == "sliding_window" else b"0"]
-        d = self._evaluate(keys, args)
-        d.addTimeout(self._timeout_s, self._clock)
+        A plain callback chain straight onto a connected protocol: this runs
+        once per request, and txredisapi's handler adds a generator and a
+        DeferredQueue round per command on top of the one round trip.
+        """
+        algorithm = _checked(algorithm or self._algorithm)
         try:
-            allowed, remaining, reset_ms, retry_ms = await d
-        except defer.TimeoutError:
-            raise LimiterUnavailable(f"no answer from Redis in {self._timeout_s} s") from None
-        except (LimiterUnavailable, defer.CancelledError):
-            raise  # cancelled: the client left, Redis is fine
-        except Exception as e:
-            raise LimiterUnavailable(f"Redis failed: {e}") from None
-        return _decision(limit, allowed, remaining, reset_ms, retry_ms)
+            redis = self._connection()
+        except LimiterUnavailable:
+            return defer.fail()
+        args = (limit, _period_ms(period_s), b"1" if algorithm == "sliding_window" else b"0")
+        key = self._prefix + bucket
+        d = redis.execute_command("EVALSHA", LUA_CHECK_SHA, 1, key, *args)
+        d.addErrback(self._load_script, redis, key, args)
+        d.addTimeout(self._timeout_s, self._clock)
+        d.addCallbacks(_to_decision, self._unavailable, callbackArgs=(limit,))
+        return d
 
-    def _evaluate(self, keys, args):
-        from txredisapi import ScriptDoesNotExist
+    def _connection(self):
+        # With reconnect on, txredisapi queues commands while disconnected and
+        # never fails them (its issue #112): answer at once instead.
+        pool = self._factory.pool if self._factory is not None else ()
+        for _ in range(len(pool)):
+            self._next = (self._next + 1) % len(pool)
+            conn = pool[self._next]
+            if conn.connected:
+                return conn
+        raise LimiterUnavailable("not connected to Redis")
 
-        redis = self._factory.handler
+    @staticmethod
+    def _load_script(failure, redis, key, args):
+        # First use, SCRIPT FLUSH or a restarted server: EVAL loads it.
+        from txredisapi import ResponseError
 
-        def reload(failure):
-            # First use, SCRIPT FLUSH or a restarted server: EVAL loads it.
-            failure.trap(ScriptDoesNotExist)
-            return redis.execute_command("EVAL", LUA_CHECK, len(keys), *keys, *args)
+        if failure.check(ResponseError) and str(failure.value).startswith("NOSCRIPT"):
+            return redis.execute_command("EVAL", LUA_CHECK, 1, key, *args)
+        return failure
 
-        return redis.evalsha(LUA_CHECK_SHA, keys, args).addErrback(reload)
+    def _unavailable(self, failure):
+        if failure.check(defer.CancelledError, LimiterUnavailable):
+            return failure  # cancelled: the client left, Redis is fine
+        if failure.check(defer.TimeoutError):
+            raise LimiterUnavailable(f"no answer from Redis in {self._timeout_s} s")
+        raise LimiterUnavailable(f"Redis failed: {failure.getErrorMessage()}")
+
+
+def _to_decision(reply, limit):
+    allowed, remaining, reset_ms, retry_ms = reply
+    return _decision(limit, allowed, remaining, reset_ms, retry_ms)
 
 
 def make_limiter(config, clock, reactor=None):
