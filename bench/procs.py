@@ -11,6 +11,7 @@ import glob
 import http.client
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -216,13 +217,14 @@ http {{
 }}
 """
 
-# The fast upstream: a fixed small JSON body, never the bottleneck.
+# The fast upstream: a small JSON body, never the bottleneck. The soak's
+# echoes the request ID so each response can be matched to its request.
 _UPSTREAM = """\
   server {{
     listen 127.0.0.1:{port};
     location / {{
       default_type application/json;
-      return 200 '{{"ok":true,"from":"bench-upstream"}}';
+      return 200 '{{"ok":true,"from":"bench-upstream"{extra}}}';
     }}
   }}"""
 
@@ -241,12 +243,13 @@ _PROXY = """\
   }}"""
 
 
-def nginx(name, workdir, port, upstream_port=None):
+def nginx(name, workdir, port, upstream_port=None, echo_request_id=False):
     """An nginx of our own (prefix, config, pid file, logs in workdir); 1 worker."""
     d = os.path.join(workdir, name)
     os.makedirs(d, exist_ok=True)
     if upstream_port is None:
-        body = _UPSTREAM.format(port=port)
+        extra = ',"rid":"$http_x_request_id"' if echo_request_id else ""
+        body = _UPSTREAM.format(port=port, extra=extra)
     else:
         body = _PROXY.format(port=port, upstream_port=upstream_port)
     conf = os.path.join(d, "nginx.conf")
@@ -255,7 +258,9 @@ def nginx(name, workdir, port, upstream_port=None):
     # -e: without it nginx opens the system error log before reading ours.
     argv = [shutil.which("nginx") or "nginx", "-p", d, "-c", conf,
             "-e", os.path.join(d, "error.log")]
-    return Proc(name, argv, os.path.join(d, "stdout.log"))
+    proc = Proc(name, argv, os.path.join(d, "stdout.log"))
+    proc.port = port
+    return proc
 
 
 # --- the gateway ---------------------------------------------------------------------
@@ -301,13 +306,26 @@ def wait_healthy(proc, timeout_s=30.0):
 
 
 def log_problems(path):
-    """Lines of a twistd log that say something went wrong unexpectedly."""
+    """Log events of a twistd log that carry a traceback or say something
+    went wrong unexpectedly: {first line + exception line: count}."""
     try:
         with open(path, errors="replace") as f:
-            return [line.rstrip() for line in f
-                    if "Traceback" in line or "Unhandled" in line or "CRITICAL" in line]
+            text = f.read()
     except OSError:
-        return []
+        return {}
+    problems = {}
+    # twistd writes one event per line; a traceback continues on tab-indented lines.
+    for event in re.split(r"\n(?=\S)", text):
+        lines = [line for line in event.splitlines() if line.strip()]
+        if not lines:
+            continue
+        if not any(w in event for w in ("Traceback", "Unhandled", "#critical]")):
+            continue
+        head = re.sub(r"^\S+ \[[^\]]*\] ", "", lines[0])
+        last = lines[-1].strip() if len(lines) > 1 else ""
+        key = f"{head} -> {last}" if last else head
+        problems[key] = problems.get(key, 0) + 1
+    return problems
 
 
 # --- Redis ---------------------------------------------------------------------------
@@ -350,7 +368,9 @@ def private_redis(workdir, port):
     os.makedirs(d, exist_ok=True)
     argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", d, "--daemonize", "no"]
-    return Proc("redis", argv, os.path.join(d, "redis.log"))
+    proc = Proc("redis", argv, os.path.join(d, "redis.log"))
+    proc.port = port
+    return proc
 
 
 # --- PostgreSQL ------------------------------------------------------------------------
@@ -420,14 +440,15 @@ class PrivatePostgres:
 
 # --- wrk ---------------------------------------------------------------------------------
 
-def wrk_argv(url, connections, duration_s, script, headers=(), timeout_s=None):
+def wrk_argv(url, connections, duration_s, script, headers=(), timeout_s=None,
+             script_args=()):
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{int(duration_s)}s", "--latency",
             "-s", os.path.join(BENCH, script)]
     if timeout_s is not None:
         argv += ["--timeout", f"{timeout_s:g}s"]
     for header in headers:
         argv += ["-H", header]
-    return argv + [url]
+    return argv + [url] + (["--", *script_args] if script_args else [])
 
 
 def tool_version(argv):
