@@ -14,6 +14,8 @@ from dotenv import dotenv_values
 
 MiB = 1024 * 1024
 SERVICE_NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
+_HOST_NAME = re.compile(rb"[A-Za-z0-9._-]+\Z")
+_UNSAFE_BYTES = re.compile(rb"[\x00-\x20\x7f]")
 
 
 class ConfigError(Exception):
@@ -21,10 +23,20 @@ class ConfigError(Exception):
 
     def __init__(self, source, field, problem):
         self.source = source
-        self.field = field
-        self.problem = problem
-        where = f"{source}: {field}: " if field else f"{source}: "
-        super().__init__(where + problem)
+        # Field names come from the file itself: a key holding a newline
+        # must not split the one-line message (or forge a second log line).
+        self.field = _one_line(field)
+        self.problem = _one_line(problem)
+        where = f"{source}: {self.field}: " if field else f"{source}: "
+        super().__init__(where + self.problem)
+
+
+def _one_line(text):
+    """Escapes what is not printable (line breaks, controls, surrogates)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -211,11 +223,22 @@ def parse_target(url):
     if parts.query or parts.fragment or parts.username or parts.password:
         raise _Bad(f"{url!r} must not carry a query, fragment or credentials")
     default_port = 443 if parts.scheme == "https" else 80
+    if port == 0:
+        raise _Bad(f"{url!r} has port 0")
     host = parts.hostname
+    is_ip = _is_ip(host)
     try:
-        host_bytes = host.encode("idna") if not _is_ip(host) else host.encode("ascii")
+        host_bytes = host.encode("idna") if not is_ip else host.encode("ascii")
+        base_path = parts.path.rstrip("/").encode("utf-8")
     except UnicodeError:
-        raise _Bad(f"{url!r} has a host name that cannot be encoded") from None
+        raise _Bad(f"{url!r} has a host name or path that cannot be encoded") from None
+    # Both end up verbatim in the Host header and the request line: a space
+    # or control byte there would corrupt (or split) every upstream request.
+    if _UNSAFE_BYTES.search(host_bytes) or not (is_ip or _HOST_NAME.match(host_bytes)):
+        raise _Bad(f"{url!r} has a host name with characters no host name can hold")
+    if _UNSAFE_BYTES.search(base_path):
+        raise _Bad(f"{url!r} has spaces or control characters in its path "
+                   "(percent-encode them)")
     shown_host = f"[{host}]" if ":" in host else host_bytes.decode("ascii")
     host_header = shown_host if port in (None, default_port) else f"{shown_host}:{port}"
     return Target(
@@ -223,7 +246,7 @@ def parse_target(url):
         scheme=parts.scheme.encode("ascii"),
         host=host_bytes,
         port=port or default_port,
-        base_path=parts.path.rstrip("/").encode("utf-8"),
+        base_path=base_path,
         host_header=host_header.encode("ascii"),
     )
 
@@ -319,8 +342,16 @@ def parse_config(text, source, env):
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "YAML"
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or (str(e).splitlines() or ["unreadable"])[0]
         raise ConfigError(source, where, f"invalid YAML: {problem}") from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively.
+        raise ConfigError(source, "YAML", "invalid YAML: nested too deeply") from None
+    except (ValueError, TypeError, IndexError, OverflowError) as e:
+        # PyYAML's constructors raise these for values that do not fit their
+        # tag or pattern: `2023-13-45`, `!!int x`, an empty `!!int`.
+        raise ConfigError(source, "YAML",
+                          f"invalid YAML: a value does not fit its type ({e})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -383,6 +414,10 @@ def load_environment(environ, dotenv_path=".env"):
             raise ConfigError(dotenv_path, "", f"cannot read: {e}") from None
     values.update(environ)
     source = "environment"
+    for name in ("DATABASE_URL", "REDIS_URL", "MASTER_KEY"):
+        # Never echoed: these may hold a password or the master key itself.
+        if not _plain_text(values.get(name) or ""):
+            raise ConfigError(source, name, "must be UTF-8 text without control characters")
     database_url = values.get("DATABASE_URL") or "sqlite:///apigw.db"
     try:
         parse_database_url(database_url)
@@ -405,6 +440,16 @@ def load_environment(environ, dotenv_path=".env"):
     )
 
 
+def _plain_text(value):
+    # os.environ turns bytes that are not UTF-8 into lone surrogates, which
+    # would only fail later, inside hmac or the database driver.
+    try:
+        value.encode("utf-8")
+    except UnicodeError:
+        return False
+    return not re.search(r"[\x00-\x1f\x7f]", value)
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class DatabaseURL:
     kind: str  # "sqlite" or "postgresql"
@@ -418,7 +463,8 @@ def parse_database_url(url):
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise _Bad(f"{url!r} is not a valid URL ({e})") from None
+        # Not the URL itself: it may carry a password.
+        raise _Bad(f"is not a valid URL ({e})") from None
     if parts.scheme == "sqlite":
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if parts.netloc or not path:
@@ -452,11 +498,13 @@ def parse_redis_url(url):
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise _Bad(f"{url!r} is not a valid URL ({e})") from None
+        # Not the URL itself: it may carry a password.
+        raise _Bad(f"is not a valid URL ({e})") from None
     if parts.scheme != "redis" or not parts.hostname:
         raise _Bad("a Redis URL looks like redis://host:6379/0")
     db_text = parts.path.lstrip("/") or "0"
-    if not db_text.isdigit():
+    # str.isdigit() also accepts digits int() refuses, such as "²".
+    if not (db_text.isascii() and db_text.isdigit()):
         raise _Bad(f"database {db_text!r} is not a number")
     return RedisURL(
         host=parts.hostname, port=port or 6379, db=int(db_text), password=parts.password
