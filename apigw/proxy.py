@@ -90,6 +90,11 @@ class GatewayRequest(server.Request):
         super().process()
 
     def write(self, data):
+        if not self.startedWriting and self.channel.site.gateway.shutting_down:
+            # Draining: this connection closes after this response, so the
+            # client sends its next request to a process that will answer it.
+            self.channel.persistent = False
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
         self.bytes_sent += len(data)
         super().write(data)
 

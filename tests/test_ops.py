@@ -14,7 +14,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 
 from apigw.config import Environment, parse_config
-from tests.helpers import TWISTD, free_port, http, start_gateway, wait_for_port
+from tests.helpers import TWISTD, free_port, http, raw_exchange, start_gateway, wait_for_port
 from tests.upstreams import TestUpstream
 
 
@@ -106,7 +106,8 @@ async def test_drain_waits_for_in_flight_then_stops(upstreams):
     """When the service stops with a request in flight, it stops accepting, reports not ready, and finishes that request first."""
     first, _ = upstreams
     service, base = await start_gateway(_yaml({"svc": first.url}, "settings:\n  shutdown_grace: 10\n"))
-    in_flight = ensureDeferred(http("GET", base + "/svc/hang"))
+    port = int(base.rsplit(":", 1)[1])
+    in_flight = ensureDeferred(raw_exchange(port, b"GET /svc/hang HTTP/1.1\r\nHost: gw\r\n\r\n"))
     await wait_until(lambda: first.hanging)
     stopped = service.stopService()
     assert (await service.readiness()) == ["shutting down"]
@@ -116,8 +117,11 @@ async def test_drain_waits_for_in_flight_then_stops(upstreams):
         await http("GET", base + "/healthz")  # no longer accepting
     first.hanging[0].write(b"done")
     first.hanging[0].finish()
-    reply = await in_flight
-    assert reply.code == 200 and reply.body == b"done"
+    head, _, body = (await in_flight).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == b"done"
+    # The client is told not to reuse the connection of a draining process,
+    # and the gateway closes it (raw_exchange returns at the close).
+    assert b"\r\nconnection: close" in head.lower()
     await wait_until(lambda: stopped.called)
 
 
