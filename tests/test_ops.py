@@ -118,7 +118,7 @@ async def test_drain_waits_for_in_flight_then_stops(upstreams):
     first.hanging[0].write(b"done")
     first.hanging[0].finish()
     head, _, body = (await in_flight).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200") and body == b"done"
+    assert head.startswith(b"HTTP/1.1 200") and body == b"4\r\ndone\r\n0\r\n\r\n"
     # The client is told not to reuse the connection of a draining process,
     # and the gateway closes it (raw_exchange returns at the close).
     assert b"\r\nconnection: close" in head.lower()
