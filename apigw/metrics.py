@@ -1,7 +1,19 @@
-"""The metrics contract (SPEC section 5) on a registry passed around, not global."""
+"""The metrics contract (SPEC section 5) on a registry passed around, not global.
+
+One process (the default) keeps its metrics in a plain CollectorRegistry.
+With `--workers N` every worker writes its samples to files in a directory
+the supervisor made (prometheus_client's multiprocess mode) and /metrics
+merges all of them, so any worker reports the totals of all: counters and
+histograms are summed, files of dead workers included (totals never go
+back); `gateway_in_flight_requests` is summed over live workers; and
+`gateway_circuit_breaker_state` shows, per target, the highest state among
+live workers (each worker has its own breakers; open or half_open shows as
+soon as one of them has tripped).
+"""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 from twisted.web.resource import Resource
 
 # A gateway adds milliseconds; upstreams may take tens of seconds.
@@ -17,9 +29,18 @@ BREAKER_STATES = {"closed": 0, "open": 1, "half_open": 2}
 
 
 class Metrics:
-    def __init__(self, registry=None):
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+    def __init__(self, registry=None, multiprocess_dir=None):
+        """multiprocess_dir: PROMETHEUS_MULTIPROC_DIR of a worker; it must be
+        in the environment before prometheus_client is first imported."""
+        if multiprocess_dir is None:
+            self.registry = registry if registry is not None else CollectorRegistry()
+            r = self.registry
+        else:
+            self.registry = CollectorRegistry()
+            MultiProcessCollector(self.registry, path=multiprocess_dir)
+            # The values live in the files: registering the metrics as well
+            # would report this worker's share twice.
+            r = None
         self._request_children = {}
         self.requests_total = Counter(
             "gateway_requests_total", "Total requests through gateway",
@@ -49,10 +70,11 @@ class Metrics:
         self.breaker_state = Gauge(
             "gateway_circuit_breaker_state",
             "Circuit breaker state per upstream target (0 closed, 1 open, 2 half_open)",
-            ["service", "target"], registry=r,
+            ["service", "target"], registry=r, multiprocess_mode="livemax",
         )
         self.in_flight = Gauge(
             "gateway_in_flight_requests", "Requests being handled now", registry=r,
+            multiprocess_mode="livesum",
         )
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Configuration reloads by result",
