@@ -4,6 +4,7 @@ import signal
 import threading
 
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -67,7 +68,7 @@ class GatewayService(MultiService):
             self.key_store, self.authenticator, config.env.master_key,
             admin_allow=lambda: self.config.settings.admin_allow,
             service_names=lambda: self.config.services,
-            reload=self.reload, clock=self.clock,
+            reload=self._admin_reload, clock=self.clock,
         )
         self.admin_listener = None
         if admin_port is None:
@@ -75,10 +76,10 @@ class GatewayService(MultiService):
         else:
             # SPEC section 1: with --admin-port, /admin exists only there.
             self.admin_site = GatewaySite(self.admin.root_resource(), self)
-            self.admin_listener = strports.service(admin_port, self.admin_site, reactor=reactor)
+            self.admin_listener = _listener(admin_port, self.admin_site, reactor)
             self.admin_listener.setServiceParent(self)
         self.site = GatewaySite(self.root, self)
-        self.listener = strports.service(port, self.site, reactor=reactor)
+        self.listener = _listener(port, self.site, reactor)
         self.listener.setServiceParent(self)
 
     def when_listening(self):
@@ -108,6 +109,16 @@ class GatewayService(MultiService):
         self.metrics.config_reloads.labels("ok").inc()
         log.info("config reloaded: services {services}", services=", ".join(config.services))
         return sorted(config.services)
+
+    # Set by worker processes (apigw.worker): an admin reload asks the
+    # supervisor to reload the other workers too.
+    reload_others = None
+
+    def _admin_reload(self):
+        names = self.reload()
+        if self.reload_others is not None:
+            self.reload_others()
+        return names
 
     def _on_sighup(self, signum, frame):
         # Signal handlers may run between any two bytecodes: hand the work
@@ -254,3 +265,13 @@ class GatewayService(MultiService):
         log.critical("key store cannot start: {error}", error=failure.value)
         if self.reactor.running:
             self.reactor.stop()
+
+
+def _listener(port, factory, reactor):
+    """A listening service for an endpoint description or endpoint object
+    (worker processes pass endpoints adopting an inherited socket)."""
+    if isinstance(port, str):
+        return strports.service(port, factory, reactor=reactor)
+    service = StreamServerEndpointService(port, factory)
+    service._raiseSynchronously = True  # as strports.service does
+    return service

@@ -16,6 +16,8 @@ class Options(usage.Options):
          "Endpoint for the admin API; when given, /admin is served ONLY there."],
         ["access-log", None, None,
          "Write one JSON object per request to this file ('-' for stdout)."],
+        ["workers", None, "1",
+         "Processes serving requests on one shared socket ('auto': one per CPU core)."],
     ]
 
     def postOptions(self):
@@ -23,6 +25,19 @@ class Options(usage.Options):
             value = self[name]
             if value is not None and not value.strip():
                 raise usage.UsageError(f"--{name} must not be empty")
+        self["workers"] = _workers(self["workers"])
+
+
+def _workers(value):
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise usage.UsageError(f"--workers must be a whole number >= 1 or 'auto', not {value!r}")
+    return count
 
 
 def makeService(options, reactor=None):
@@ -34,6 +49,10 @@ def makeService(options, reactor=None):
         # makeService runs before twistd's logging starts: one line, exit 1.
         sys.stderr.write(f"apigw: {e}\n")
         raise SystemExit(1)
+    if options["workers"] > 1:
+        from apigw.workers import make_supervisor
+
+        return make_supervisor(options, config, reactor)
     from apigw.service import GatewayService
 
     return GatewayService(

@@ -1,0 +1,216 @@
+"""One worker process of `twistd apigw --workers N` (see apigw.workers).
+
+The supervisor runs `python -m apigw.worker` with the listening sockets
+already bound and passed as file descriptors: each worker adopts them, so
+every worker accepts from the same kernel queue and no port is bound twice.
+The worker's log events go to the supervisor as JSON records on a pipe of
+their own (stdout stays stdout, for `--access-log -`), and the supervisor
+writes them into twistd's log.
+"""
+
+import io
+import os
+import signal
+import socket
+import sys
+
+from twisted.internet import tcp, unix
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from zope.interface import implementer
+
+from apigw.tap import Options
+
+log = Logger(namespace="apigw.worker")
+
+# Records carrying this key are messages to the supervisor, not just logs.
+READY = "apigw_worker_ready"
+RELOAD_OTHERS = "apigw_reload_others"
+
+
+class WorkerOptions(Options):
+    optParameters = [
+        ["index", None, "1", "Worker number, for the logs."],
+        ["log-fd", None, None, "Write JSON log records to this descriptor."],
+        ["port-fd", None, None, "The public listening socket."],
+        ["admin-port-fd", None, None, "The admin listening socket."],
+    ]
+
+    def postOptions(self):
+        super().postOptions()
+        for name in ("log-fd", "port-fd", "admin-port-fd"):
+            if self[name] is not None:
+                self[name] = int(self[name])
+        if self["port-fd"] is None:
+            raise usage.UsageError("--port-fd is required")
+
+
+@implementer(IStreamServerEndpoint)
+class InheritedSocketEndpoint:
+    """An endpoint whose listen() adopts a socket bound by the supervisor.
+
+    The description is parsed by Twisted as usual (so ssl: loads its
+    certificate and key here), only the bind is replaced by adoption.
+    """
+
+    def __init__(self, reactor, description, fd):
+        self._reactor = reactor
+        self._description = description
+        self._fd = fd
+
+    def __str__(self):
+        return self._description
+
+    def listen(self, factory):
+        return serverFromString(_Adopting(self._reactor, self._fd), self._description).listen(
+            factory
+        )
+
+
+class _Adopting:
+    """Stands in for the reactor while a parsed endpoint listens."""
+
+    def __init__(self, reactor, fd):
+        self._reactor = reactor
+        self._fd = fd
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        return self._adopt(factory)
+
+    def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
+        # What the reactor's own listenSSL does: TLS as a wrapper over TCP.
+        return self._adopt(TLSMemoryBIOFactory(contextFactory, False, factory))
+
+    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
+        return self._adopt(factory, mode)
+
+    def _adopt(self, factory, mode=None):
+        with socket.socket(fileno=os.dup(self._fd)) as probe:
+            family = probe.family
+        # reactor.adoptStreamPort's own steps, with the port classes below.
+        if family == socket.AF_UNIX:
+            port = _InheritedUNIXPort._fromListeningDescriptor(self._reactor, self._fd, factory)
+            port.mode = mode  # startListening chmods the path: keep the user's mode
+        else:
+            port = _InheritedTCPPort._fromListeningDescriptor(
+                self._reactor, self._fd, family, factory
+            )
+        port.startListening()
+        # The port holds a duplicate; once it stops listening no descriptor
+        # of ours may keep the socket accepting into a queue nobody reads.
+        os.close(self._fd)
+        return port
+
+
+class _OneAcceptPerWakeup:
+    """Every worker is woken for each new connection; the first to call
+    accept() gets it. Twisted's port accepts up to 100 in a row, so one
+    worker would take a whole burst (and, with keep-alive clients, keep it
+    for good). One accept per reactor turn lets the others compete: with
+    wrk -c50 on two workers, no run left a worker idle."""
+
+    numberAccepts = property(lambda self: 1, lambda self, value: None)
+
+
+class _InheritedTCPPort(_OneAcceptPerWakeup, tcp.Port):
+    pass
+
+
+class _InheritedUNIXPort(_OneAcceptPerWakeup, unix.Port):
+    def connectionLost(self, reason):
+        # The path belongs to the supervisor: other workers still accept on
+        # it, and a restarted worker must find it.
+        tcp.Port.connectionLost(self, reason)
+
+
+def _make_service(options, reactor):
+    from apigw.config import ConfigError, load_config
+    from apigw.metrics import Metrics
+    from apigw.service import GatewayService
+
+    try:
+        config = load_config(options["config"], environ=os.environ)
+    except ConfigError as e:
+        log.critical("cannot start: {error}", error=str(e))
+        return None
+    admin_port = None
+    if options["admin-port"] is not None:
+        admin_port = InheritedSocketEndpoint(
+            reactor, options["admin-port"], options["admin-port-fd"]
+        )
+    service = GatewayService(
+        config,
+        port=InheritedSocketEndpoint(reactor, options["port"], options["port-fd"]),
+        admin_port=admin_port,
+        access_log=options["access-log"],
+        reactor=reactor,
+        metrics=Metrics(multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"]),
+    )
+    # POST /admin/reload reached this worker only; the supervisor passes it on.
+    service.reload_others = lambda: log.info(
+        "asking the supervisor to reload the other workers", **{RELOAD_OTHERS: True}
+    )
+    return service
+
+
+def _started(service, index, reactor):
+    # Ctrl-C in a terminal reaches the whole process group: shutting down
+    # is the supervisor's decision, it sends SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    service.startService()
+    d = service.when_listening()
+    if service.admin_listener is not None:
+        d.addCallback(lambda _: service.when_admin_listening())
+    d.addCallback(lambda _: log.info(
+        "worker {index} serving (pid {pid})", index=index, pid=os.getpid(), **{READY: True}
+    ))
+    d.addErrback(_listen_failed, reactor)
+    _watch_parent(reactor, os.getppid())
+
+
+def _listen_failed(failure, reactor):
+    log.failure("worker cannot listen", failure)
+    reactor.stop()
+
+
+def _watch_parent(reactor, parent_pid):
+    """Drain and exit if the supervisor is gone (killed with SIGKILL)."""
+    from twisted.internet.task import LoopingCall
+
+    def check():
+        if os.getppid() != parent_pid and reactor.running:
+            log.warn("supervisor (pid {pid}) is gone; stopping", pid=parent_pid)
+            loop.stop()
+            reactor.stop()
+
+    loop = LoopingCall(check)
+    loop.clock = reactor
+    loop.start(1.0, now=False)
+
+
+def main(argv=None):
+    options = WorkerOptions()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        sys.stderr.write(f"apigw.worker: {e}\n")
+        return 2
+    if options["log-fd"] is not None:
+        out = io.open(options["log-fd"], "w", buffering=1, encoding="utf-8")
+        globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out)], redirectStandardIO=False)
+    from twisted.internet import reactor
+
+    service = _make_service(options, reactor)
+    if service is None:
+        return 1
+    reactor.callWhenRunning(_started, service, options["index"], reactor)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
