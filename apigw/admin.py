@@ -8,6 +8,7 @@ must be inside `admin_allow`, and `X-Master-Key` must match MASTER_KEY
 import hmac
 import ipaddress
 import json
+import unicodedata
 
 from klein import Klein
 from twisted.internet import defer
@@ -243,6 +244,9 @@ def _json_body(request):
         body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise AdminError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        # json decodes nested arrays recursively: 64 KiB of "[" is enough.
+        raise AdminError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise AdminError(400, f"the request body must be a JSON object, not {_kind(body)}")
     return body
@@ -267,8 +271,12 @@ def _key_spec(body, known_services):
         raise AdminError(400, "owner must not be empty")
     if len(owner) > MAX_OWNER_CHARS:
         raise AdminError(400, f"owner must be at most {MAX_OWNER_CHARS} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in owner):
-        # The owner travels upstream in X-Consumer-Username.
+    if any(unicodedata.category(c) == "Cs" for c in owner):
+        # A lone surrogate ("\ud800" in JSON) cannot be stored or sent as UTF-8.
+        raise AdminError(400, "owner must be valid Unicode text")
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in owner):
+        # The owner travels upstream in X-Consumer-Username and into log
+        # lines: no line breaks (\n, NEL, U+2028) or other controls.
         raise AdminError(400, "owner must not contain control characters")
 
     services = body.get("services")
