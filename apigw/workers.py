@@ -29,10 +29,7 @@ import tempfile
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
-from twisted.internet.endpoints import (
-    SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint,
-    serverFromString,
-)
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -42,7 +39,8 @@ from apigw.worker import READY, RELOAD_OTHERS
 
 log = Logger()
 
-SUPPORTED_ENDPOINTS = (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint, UNIXServerEndpoint)
+# Those whose listen() the worker can replay on an inherited socket.
+SUPPORTED_ENDPOINTS = ("tcp", "tcp6", "ssl", "unix")
 STOP_MARGIN_S = 5.0  # beyond shutdown_grace: closing pools, Redis, the database
 STABLE_S = 10.0  # a worker that lived this long was not crash-looping
 RESTART_BASE_S = 0.5
@@ -58,12 +56,12 @@ def make_supervisor(options, config, reactor):
         description = options[name]
         if description is None:
             continue
+        if description.split(":", 1)[0] not in SUPPORTED_ENDPOINTS:
+            _refuse(f"--{name} {description!r}: with --workers, use a tcp:, tcp6:, ssl: or unix: endpoint")
         try:
             endpoint = serverFromString(reactor, description)
-        except Exception as e:  # unknown type, bad syntax, unreadable TLS key...
+        except Exception as e:  # bad syntax, unreadable TLS key...
             _refuse(f"--{name} {description!r}: {e}")
-        if not isinstance(endpoint, SUPPORTED_ENDPOINTS):
-            _refuse(f"--{name} {description!r}: with --workers, use a tcp:, tcp6:, ssl: or unix: endpoint")
         endpoints[name] = (description, endpoint)
     return WorkerSupervisor(
         config, options["workers"], endpoints, options["access-log"], reactor=reactor
@@ -288,9 +286,11 @@ class WorkerSupervisor(Service):
             call.cancel()
         self._restart_calls.clear()
         # Our copy of the socket would keep queueing connections nobody takes.
-        await defer.gatherResults(
-            [defer.maybeDeferred(port.stopListening) for port in self._ports.values()]
-        )
+        for port in self._ports.values():
+            try:
+                await defer.maybeDeferred(port.stopListening)
+            except Exception:  # e.g. someone removed the unix socket's file
+                log.failure("closing the listening socket {port}", port=port)
         live = [w for w in self._workers.values() if not w.ended]
         limit_s = self.config.settings.shutdown_grace_s + STOP_MARGIN_S
         log.info("stopping {n} workers (waiting up to {limit_s}s)", n=len(live), limit_s=limit_s)
