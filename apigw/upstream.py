@@ -43,9 +43,10 @@ HOP_BY_HOP = frozenset({
 
 # Never forwarded upstream: set by us (request id, Host, forwarding and
 # consumer headers a client could otherwise forge), computed by the client
-# library (Content-Length), or secret (the API key).
+# library (Content-Length), or secret (the API key, and the master key that
+# a careless admin script may send along to every path).
 _NOT_FORWARDED = HOP_BY_HOP | {
-    b"host", b"content-length", b"x-api-key", b"x-request-id", b"expect",
+    b"host", b"content-length", b"x-api-key", b"x-master-key", b"x-request-id", b"expect",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix",
     b"x-consumer-id", b"x-consumer-username",
 }
