@@ -15,6 +15,7 @@ from twisted.web.resource import Resource
 
 from apigw.channel import ConnectionLimit, GatewayChannel
 from apigw.errors import GatewayError, error_response, request_id_for
+from apigw.logs import redact
 
 log = Logger()
 
@@ -254,7 +255,7 @@ class ServiceResource(Resource):
             headers = list(request.extra_response_headers) + list(e.headers)
             error_response(request, e.status, e.message, headers=headers)
             return None
-        log.failure("proxying {uri}", failure, uri=request.uri)
+        log.failure("proxying {uri}", failure, uri=redact(request.uri.decode("latin-1")))
         error_response(request, 500, "internal gateway error")
         return None
 
