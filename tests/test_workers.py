@@ -242,8 +242,10 @@ async def _code_from(gw, worker_pid_to_pause, path, want, timeout_s=10):
 
 @pytest_twisted.ensureDeferred
 async def test_reload_reaches_every_worker(tmp_path, upstream, supervisors):
-    """When the supervisor gets SIGHUP, or one worker gets POST /admin/reload, both workers serve the new service."""
-    gw = Supervisor(tmp_path, service_yaml({"a": upstream.url}), env={"MASTER_KEY": "mk-test"})
+    """When the supervisor gets SIGHUP, or one worker gets POST /admin/reload on the admin port, both workers serve the new services, each reloading once per request."""
+    admin = free_port()
+    gw = Supervisor(tmp_path, service_yaml({"a": upstream.url}), env={"MASTER_KEY": "mk-test"},
+                    extra=["--admin-port", f"tcp:{admin}:interface=127.0.0.1"])
     supervisors(gw)
     first, second = await gw.serving()
     gw.config.write_text(service_yaml({"a": upstream.url, "b": upstream.url}))
@@ -253,10 +255,13 @@ async def test_reload_reaches_every_worker(tmp_path, upstream, supervisors):
 
     gw.config.write_text(service_yaml({"a": upstream.url, "c": upstream.url}))
     with paused(second):
-        reply = await http("POST", gw.base + "/admin/reload", headers={b"X-Master-Key": b"mk-test"})
+        reply = await http("POST", f"http://127.0.0.1:{admin}/admin/reload",
+                           headers={b"X-Master-Key": b"mk-test"})
     assert reply.code == 200, reply.body
     assert await _code_from(gw, first, "/c/x", 200) == 200  # the other worker, via the supervisor
     assert await _code_from(gw, first, "/b/x", 404) == 404
+    text = (await http("GET", gw.base + "/metrics")).body.decode()
+    assert total(text, 'gateway_config_reloads_total{result="ok"}') == 4
 
 
 @pytest_twisted.ensureDeferred
@@ -307,7 +312,7 @@ async def test_sigterm_drains_both_workers(tmp_path, upstream, supervisors):
     assert [(r.code, r.body) for r in replies] == [(200, b"finished")] * 2
     assert await deferToThread(gw.proc.wait, 20) == 0
     assert not gw.pidfile.exists()
-    assert "Traceback" not in gw.log()
+    assert "Traceback" not in gw.log(), gw.log()
 
 
 def _accepts(port):
@@ -347,15 +352,18 @@ async def test_daemon_mode_on_a_unix_socket(tmp_path, upstream, supervisors):
         assert reactor.seconds() < deadline, gw.log()
         await sleep(0.05)
     assert not sock.exists() and not (tmp_path / "gw.sock.lock").exists()
-    assert "Traceback" not in gw.log()
+    assert "Traceback" not in gw.log(), gw.log()
 
 
 @pytest_twisted.ensureDeferred
 async def test_tls_on_both_workers(tmp_path, upstream, supervisors):
     """When --port is an ssl: endpoint, each worker serves HTTPS with the configured certificate."""
-    from tests.test_ops import _make_cert
-
-    key_path, cert_path = _make_cert(tmp_path)
+    key_path, cert_path = tmp_path / "key.pem", tmp_path / "cert.pem"
+    await deferToThread(subprocess.run, [
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-keyout", str(key_path), "-out", str(cert_path), "-days", "1",
+        "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+    ], capture_output=True, timeout=30, check=True)
     port = free_port()
     gw = Supervisor(tmp_path, service_yaml({"svc": upstream.url}),
                     port=f"ssl:{port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}")
