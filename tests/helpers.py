@@ -19,6 +19,8 @@ import treq
 from apigw.config import Environment, parse_config
 from apigw.service import GatewayService
 from apigw.upstream import BytesProducer
+# For what twistd subprocesses print: the in-process log guard cannot see it.
+from tests.secrets_guard import assert_no_secrets, register_secret  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")

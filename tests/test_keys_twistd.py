@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.helpers import free_port, run_twistd, wait_for_port
+from tests.helpers import assert_no_secrets, free_port, run_twistd, wait_for_port
 from tests.upstreams import TestUpstream
 
 pytestmark = pytest.mark.slow
@@ -107,6 +107,7 @@ async def test_seed_curl_flow_and_keys_survive_restart(tmp_path):
     all_logs = "\n".join(logs)
     assert "key store ready (sqlite" in all_logs
     assert api_key not in all_logs and "supersecret" not in all_logs
+    assert_no_secrets(all_logs, "twistd output")
     assert "Traceback" not in all_logs
 
 
@@ -130,3 +131,4 @@ async def test_without_master_key_admin_refuses_and_startup_says_why_once(tmp_pa
         code, output = await deferToThread(gw.stop)
     assert code == 0, output
     assert output.count("MASTER_KEY is not set") == 1, output
+    assert_no_secrets(output, "twistd output")

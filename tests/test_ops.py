@@ -14,7 +14,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 
 from apigw.config import Environment, parse_config
-from tests.helpers import TWISTD, free_port, http, raw_exchange, start_gateway, wait_for_port
+from tests.helpers import (
+    TWISTD, assert_no_secrets, free_port, http, raw_exchange, start_gateway, wait_for_port,
+)
 from tests.upstreams import TestUpstream
 
 
@@ -299,3 +301,4 @@ def test_daemon_lifecycle(tmp_path):
     log_text = logfile.read_text()
     assert "config reloaded" in log_text
     assert "Traceback" not in log_text
+    assert_no_secrets(log_text, "twistd.log")

@@ -15,7 +15,9 @@ from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from apigw.config import Environment
-from tests.helpers import Reply, free_port, http, run_twistd, start_gateway, wait_for_port
+from tests.helpers import (
+    Reply, assert_no_secrets, free_port, http, run_twistd, start_gateway, wait_for_port,
+)
 from tests.ratelimit_support import PrivateRedis, delete_keys, sleep
 from tests.upstreams import TestUpstream, refused_url
 
@@ -295,10 +297,11 @@ def twistd_pair(tmp_path):
             process.terminate()
     for process in processes:
         try:
-            process.communicate(timeout=10)
+            out, err = process.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.communicate(timeout=5)
+            out, err = process.communicate(timeout=5)
+        assert_no_secrets(out + err, "twistd output")
 
 
 @pytest_twisted.ensureDeferred

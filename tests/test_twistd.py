@@ -11,7 +11,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 from twisted.internet.interfaces import IPullProducer
 
-from tests.helpers import free_port, http, run_twistd, wait_for_port
+from tests.helpers import assert_no_secrets, free_port, http, run_twistd, wait_for_port
 from tests.upstreams import TestUpstream
 
 CHUNK = b"z" * 65536
@@ -111,6 +111,7 @@ async def test_seed_like_config_serves_proxies_logs_and_stops_cleanly(tmp_path):
         code, out, err = await _in_thread(gw.stop)
         await upstream.stop()
     assert code == 0, err
+    assert_no_secrets(out + err + gw.access_log.read_bytes(), "twistd output and access log")
     records = [json.loads(line) for line in gw.access_log.read_text().splitlines()]
     assert [r["status"] for r in records] == [401, 200]
     assert set(records[1]) == {
