@@ -57,7 +57,7 @@ class AdminAPI:
 
     def resource(self):
         """Mount as the child `admin` of the public root."""
-        return self.app.resource()
+        return _Utf8Gate(self, self.app.resource())
 
     def root_resource(self):
         """The whole tree of the --admin-port listener: /admin/... and JSON 404s."""
@@ -220,6 +220,32 @@ def _answer_error(request, status, message):
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"x-request-id", _request_id(request).encode("ascii"))
     return body
+
+
+class _Utf8Gate(Resource):
+    """Klein answers a URL, Host or method that is not UTF-8 with an HTML 400
+    and logs a traceback for each: a free log flood for anyone. Answer it
+    like every other admin error, gates first."""
+
+    isLeaf = True
+
+    def __init__(self, api, klein_resource):
+        super().__init__()
+        self._api = api
+        self._klein = klein_resource
+
+    def render(self, request):
+        try:
+            request.getRequestHostname().decode("utf-8")
+            request.method.decode("utf-8")
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            request.service_label = "admin"
+            refusal = self._api._refusal(request)
+            if refusal is not None:
+                return _answer_error(request, 403, refusal)
+            return _answer_error(request, 400, "the URL is not valid UTF-8")
+        return self._klein.render(request)
 
 
 class _NotFoundRoot(Resource):
