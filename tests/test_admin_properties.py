@@ -209,3 +209,44 @@ async def test_any_bytes_give_a_key_or_a_clean_400(admin):
         check_answer(admin, raw, sent=sent)
 
     await in_worker(raw_bodies)
+
+
+def call(client, method, path, master_key=MASTER, host=None):
+    """(status, content-type, body bytes) for one admin request on a raw path."""
+    async def go():
+        headers = {b"X-Master-Key": master_key.encode()}
+        if host is not None:
+            headers[b"Host"] = host
+        d = client.stub.request(method, b"http://localhost:8000" + path, headers=headers)
+        response = await client._settle(d)
+        return response, await client._settle(client.stub.content(response))
+
+    response, content = on_reactor(go)
+    return response.code, response.headers.getRawHeaders("content-type"), content
+
+
+@pytest_twisted.ensureDeferred
+async def test_any_key_id_or_host_gives_a_json_answer(admin):
+    """When the key id in the URL (or the Host header) is any bytes at all, GET and DELETE answer JSON: 404 or 400 with the master key, 403 without, never HTML or 500."""
+    store, _, client = admin
+
+    @PROPERTIES
+    @given(st.binary(min_size=1, max_size=40), st.sampled_from(["GET", "DELETE"]),
+           st.booleans(), st.one_of(st.none(), st.binary(min_size=1, max_size=12)))
+    @example(b"\xff", "GET", True, None)
+    @example(b"\xed\xa0\x80", "DELETE", False, None)
+    @example(b"abc", "GET", True, b"\xff\xfe")
+    def key_ids(raw_id, method, right_key, host):
+        if host is not None and not re.fullmatch(rb"[!-~\x80-\xff]+", host):
+            host = None  # a Host the HTTP client itself would refuse to send
+        before = key_count(store)
+        path = b"/admin/keys/" + b"".join(b"%%%02X" % byte for byte in raw_id)
+        code, content_type, content = call(client, method, path,
+                                           MASTER if right_key else "wrong", host)
+        assert content_type == ["application/json"], (code, content)
+        body = json.loads(content)
+        assert set(body) == {"error", "request_id"} and len(body["error"].splitlines()) == 1
+        assert code == (404 if right_key else 403) or (right_key and code == 400), code
+        assert key_count(store) == before
+
+    await in_worker(key_ids)
