@@ -15,7 +15,8 @@ from twisted.internet import defer
 from twisted.internet.address import UNIXAddress
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from apigw.errors import error_body, request_id_for
 from apigw.keys import KeyStoreUnavailable
@@ -57,7 +58,7 @@ class AdminAPI:
 
     def resource(self):
         """Mount as the child `admin` of the public root."""
-        return _Utf8Gate(self, self.app.resource())
+        return _UrlGate(self, self.app.resource())
 
     def root_resource(self):
         """The whole tree of the --admin-port listener: /admin/... and JSON 404s."""
@@ -94,7 +95,8 @@ class AdminAPI:
     def _admin_error(self, request, failure):
         return _answer_error(request, failure.value.status, failure.value.message)
 
-    @app.handle_errors(NotFound, MethodNotAllowed)
+    # RequestRedirect: werkzeug's answer to a doubled slash (/keys/%2Fx).
+    @app.handle_errors(NotFound, MethodNotAllowed, RequestRedirect)
     def _routing_error(self, request, failure):
         # The gates come first so that no one learns the routes without the key.
         request.service_label = "admin"
@@ -222,10 +224,11 @@ def _answer_error(request, status, message):
     return body
 
 
-class _Utf8Gate(Resource):
-    """Klein answers a URL, Host or method that is not UTF-8 with an HTML 400
-    and logs a traceback for each: a free log flood for anyone. Answer it
-    like every other admin error, gates first."""
+class _UrlGate(Resource):
+    """Klein answers a URL, Host or method that is not UTF-8 with an HTML 400,
+    and a Host such as `a..b` with an HTML 500, logging a traceback for each:
+    a free log flood for anyone. Answer these like every other admin error,
+    gates first."""
 
     isLeaf = True
 
@@ -240,12 +243,17 @@ class _Utf8Gate(Resource):
             request.method.decode("utf-8")
             b"/".join(request.prepath + request.postpath).decode("utf-8")
         except UnicodeDecodeError:
-            request.service_label = "admin"
-            refusal = self._api._refusal(request)
-            if refusal is not None:
-                return _answer_error(request, 403, refusal)
-            return _answer_error(request, 400, "the URL is not valid UTF-8")
-        return self._klein.render(request)
+            problem = "the URL is not valid UTF-8"
+        else:
+            try:
+                return self._klein.render(request)
+            except BadHost:  # raised before anything is routed or written
+                problem = "the Host header is not a valid host name"
+        request.service_label = "admin"
+        refusal = self._api._refusal(request)
+        if refusal is not None:
+            return _answer_error(request, 403, refusal)
+        return _answer_error(request, 400, problem)
 
 
 class _NotFoundRoot(Resource):
