@@ -236,6 +236,9 @@ async def test_any_key_id_or_host_gives_a_json_answer(admin):
     @example(b"\xff", "GET", True, None)
     @example(b"\xed\xa0\x80", "DELETE", False, None)
     @example(b"abc", "GET", True, b"\xff\xfe")
+    @example(b"/\x00", "GET", False, None)
+    @example(b"/x", "DELETE", True, None)
+    @example(b"x", "GET", True, b"a..b")
     def key_ids(raw_id, method, right_key, host):
         if host is not None and not re.fullmatch(rb"[!-~\x80-\xff]+", host):
             host = None  # a Host the HTTP client itself would refuse to send
