@@ -214,6 +214,11 @@ class KeyStore:
         if postgres:
             # Serialises gateways migrating the same database at once.
             txn.execute("SELECT pg_advisory_xact_lock(7347109)")
+        else:
+            # The same for SQLite (workers of one gateway, started at once):
+            # the write lock from the start, so the second waits and then
+            # finds the schema made instead of inserting its version twice.
+            txn.execute("BEGIN IMMEDIATE")
         txn.execute(
             "CREATE TABLE IF NOT EXISTS apigw_schema"
             " (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
