@@ -45,19 +45,22 @@ settings:
   rate_period: 60
   breaker_recovery_time: {recovery}
   auth_cache_ttl: 5
-  rate_limit_failure: open
+  rate_limit_failure: {limiter_failure}
 """
 
-# What a response with the load's (valid, cached) key may be, per fault.
-# (status, kind) pairs; kind is what soak.lua read from the error body.
-ALLOWED = {
-    "normal": {(200, "-")},
-    "upstream down": {(200, "-"), (502, "unreachable"), (503, "breaker"), (504, "timeout")},
-    # rate_limit_failure: open lets requests through without a limit.
-    "redis down": {(200, "-")},
-    # The key is cached: it keeps working; only uncached keys may get 503.
-    "postgres down": {(200, "-")},
-}
+
+
+def allowed(limiter_failure):
+    """What a response with the load's (valid, cached) key may be, per fault:
+    (status, kind) pairs, kind being what soak.lua read from the error body."""
+    return {
+        "normal": {(200, "-")},
+        "upstream down": {(200, "-"), (502, "unreachable"), (503, "breaker"), (504, "timeout")},
+        # open: requests pass without a limit; closed: 503 until Redis is back.
+        "redis down": {(200, "-")} | ({(503, "limiter")} if limiter_failure == "closed" else set()),
+        # The key is cached: it keeps working; only uncached keys may get 503.
+        "postgres down": {(200, "-")},
+    }
 
 
 def parse_args(argv):
@@ -66,6 +69,8 @@ def parse_args(argv):
                    help="seconds of load, at least 45 (default 60)")
     p.add_argument("--connections", type=int, default=4,
                    help="wrk connections per gateway process (default 4)")
+    p.add_argument("--limiter-failure", choices=("open", "closed"), default="open",
+                   help="the gateways' settings.rate_limit_failure (default open)")
     p.add_argument("--no-workers", action="store_true",
                    help="two twistd processes even when `--workers` exists")
     p.add_argument("--results-dir", default=os.path.join(procs.BENCH, "results"))
@@ -168,7 +173,7 @@ def parse_wrk(path):
     return summary, slices
 
 
-def judge(slices, timeline):
+def judge(slices, timeline, allowed_by_fault):
     """Counts by status and the responses the contract does not allow."""
     by_status, violations = {}, {}
     for slice_id, status, kind, count in slices:
@@ -176,7 +181,7 @@ def judge(slices, timeline):
         by_status[key] = by_status.get(key, 0) + count
         start = slice_id / 10
         faults = timeline.fault_at(start) or ["normal"]
-        if any((status, kind) in ALLOWED[f] for f in faults):
+        if any((status, kind) in allowed_by_fault[f] for f in faults):
             continue
         v = violations.setdefault((" + ".join(faults), status, kind),
                                   {"count": 0, "first_s": None, "last_s": None})
@@ -216,7 +221,8 @@ def main(argv=None):
                "MASTER_KEY": master_key}
         yaml_text = GATEWAY_YAML.format(
             service=SERVICE, upstream_port=upstream_port, limit=NEVER_REACHED,
-            timeout=UPSTREAM_TIMEOUT_S, recovery=BREAKER_RECOVERY_S)
+            timeout=UPSTREAM_TIMEOUT_S, recovery=BREAKER_RECOVERY_S,
+            limiter_failure=args.limiter_failure)
         if workers:
             layout = [("gateway", 2)]
         else:
@@ -270,7 +276,7 @@ def main(argv=None):
             slices.extend(s)
             logged[g.name] = {"wrk_responses": summary["requests"],
                               "access_log_records": load_records(g)}
-        by_status, violations = judge(slices, timeline)
+        by_status, violations = judge(slices, timeline, allowed(args.limiter_failure))
         crashes = [g.name for g in gateways if not g.alive]
         pids_end = {g.name: g.tree() for g in gateways}
         end = {g.name: procs.footprint(g.tree()) for g in gateways}
@@ -297,6 +303,11 @@ def main(argv=None):
                           for n in before},
             "log_problems": {g.name: procs.log_problems(os.path.join(g.dir, "twistd.log"))
                              for g in gateways},
+            "limiter_failures_outside_redis_outage": {
+                g.name: limiter_failures_outside(g, timeline) for g in gateways},
+            "limiter_failure_policy": args.limiter_failure,
+            "load_started_at": datetime.datetime.fromtimestamp(
+                timeline.t0, datetime.timezone.utc).isoformat(),
             "events": timeline.events,
         })
         report["verdict"] = verdict(report)
@@ -380,6 +391,24 @@ def run_faults(duration_s, timeline, gateways, ports, upstream, redis, pg, small
     return out
 
 
+def limiter_failures_outside(gateway, timeline):
+    """The gateway's "rate limiter unavailable" reports (one per failure
+    streak, 1 s resolution) at times Redis was not down: each streak is at
+    least one request let through uncounted (open) or refused with 503 (closed)."""
+    redis = [(start, end) for name, start, end in timeline.windows if name == "redis down"]
+    found = []
+    with open(os.path.join(gateway.dir, "twistd.log"), errors="replace") as f:
+        for line in f:
+            if "rate limiter unavailable" not in line:
+                continue
+            when = datetime.datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S%z")
+            second = when.timestamp()
+            if any(second + 1 > start - 1 and second < end for start, end in redis):
+                continue
+            found.append({"t": round(second - timeline.t0), "line": line.split("] ", 1)[-1].strip()})
+    return found
+
+
 def load_records(gateway):
     """Access-log records of the load (its request IDs carry the gateway's name)."""
     count = 0
@@ -431,12 +460,16 @@ def verdict(report):
                             f"{counts['access_log_records']} access-log records")
     if any(report["log_problems"].values()):
         problems.append("tracebacks or unhandled errors in the gateway logs")
+    spurious = sum(len(v) for v in report["limiter_failures_outside_redis_outage"].values())
+    if spurious:
+        problems.append(f"{spurious} rate limiter failure streak(s) while Redis was up")
     return problems
 
 
 def print_report(r):
     print()
-    print(f"apigw soak, {r['date'][:16]} UTC, {r['duration_s']} s of load, gateways: "
+    print(f"apigw soak, {r['date'][:16]} UTC, {r['duration_s']} s of load, "
+          f"rate_limit_failure: {r['limiter_failure_policy']}, gateways: "
           + ", ".join(f"{n} (:{g['port']}, {g['workers']} process(es))"
                       for n, g in r["gateways"].items()))
     print("timeline:")
@@ -471,6 +504,11 @@ def print_report(r):
     for name, problems in r["log_problems"].items():
         for what, count in problems.items():
             print(f"  {name}: {count} x {what}")
+    print("rate limiter failures while Redis was up:"
+          + ("" if any(r["limiter_failures_outside_redis_outage"].values()) else " none"))
+    for name, failures in r["limiter_failures_outside_redis_outage"].items():
+        for failure in failures:
+            print(f"  {name} t={failure['t']} s: {failure['line']}")
     print("verdict: " + ("CLEAN" if not r["verdict"] else "PROBLEMS"))
     for p in r["verdict"]:
         print(f"  - {p}")
