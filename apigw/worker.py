@@ -85,15 +85,14 @@ class _Adopting:
         return self._adopt(TLSMemoryBIOFactory(contextFactory, False, factory))
 
     def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
-        return self._adopt(factory, mode)
+        return self._adopt(factory)
 
-    def _adopt(self, factory, mode=None):
+    def _adopt(self, factory):
         with socket.socket(fileno=os.dup(self._fd)) as probe:
             family = probe.family
         # reactor.adoptStreamPort's own steps, with the port classes below.
         if family == socket.AF_UNIX:
             port = _InheritedUNIXPort._fromListeningDescriptor(self._reactor, self._fd, factory)
-            port.mode = mode  # startListening chmods the path: keep the user's mode
         else:
             port = _InheritedTCPPort._fromListeningDescriptor(
                 self._reactor, self._fd, family, factory
@@ -120,6 +119,21 @@ class _InheritedTCPPort(_OneAcceptPerWakeup, tcp.Port):
 
 
 class _InheritedUNIXPort(_OneAcceptPerWakeup, unix.Port):
+    """The supervisor owns the socket's path, mode and lock file."""
+
+    def startListening(self):
+        # unix.Port.startListening without the lock file and the chmod (the
+        # supervisor set the mode, and under --uid a worker may not chmod a
+        # file root made), and, as tcp.Port does for adopted sockets, without
+        # shutdown() at the end: that would stop the socket for every worker.
+        tcp._reservedFD.reserve()
+        self._shouldShutdown = False
+        self.factory.doStart()
+        self.socket, self._preexistingSocket = self._preexistingSocket, None
+        self.connected = True
+        self.fileno = self.socket.fileno
+        self.startReading()
+
     def connectionLost(self, reason):
         # The path belongs to the supervisor: other workers still accept on
         # it, and a restarted worker must find it.

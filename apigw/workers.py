@@ -26,7 +26,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 
+from prometheus_client import multiprocess
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
@@ -162,18 +164,12 @@ class WorkerSupervisor(Service):
     def startService(self):
         super().startService()
         self._metrics_dir = tempfile.mkdtemp(prefix="apigw-metrics-")
-        if self._is_main_thread():
+        if threading.current_thread() is threading.main_thread():
             self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         log.info("apigw supervisor (pid {pid}) listening on {port}; starting {n} workers",
                  pid=os.getpid(), port=self._endpoints["port"][0], n=self.count)
         for index in range(1, self.count + 1):
             self._spawn(index)
-
-    @staticmethod
-    def _is_main_thread():
-        import threading
-
-        return threading.current_thread() is threading.main_thread()
 
     def _spawn(self, index):
         self._restart_calls.pop(index, None)
@@ -188,12 +184,17 @@ class WorkerSupervisor(Service):
             child_fds[ADMIN_PORT_FD] = self._ports["admin-port"].fileno()
         if self._access_log is not None:
             argv += ["--access-log", self._access_log]
-        self.reactor.spawnProcess(
-            worker, sys.executable, argv, env=self._worker_env(), path=self._cwd,
-            childFDs=child_fds,
-        )
+        started_at = self.reactor.seconds()
+        try:
+            self.reactor.spawnProcess(
+                worker, sys.executable, argv, env=self._worker_env(), path=self._cwd,
+                childFDs=child_fds,
+            )
+        except OSError as e:  # fork or exec refused: out of memory, permissions...
+            self._restart_later(index, started_at, f"could not start ({e})")
+            return
         worker.pid = worker.transport.pid
-        worker.started_at = self.reactor.seconds()
+        worker.started_at = started_at
         self._workers[index] = worker
 
     def _worker_env(self):
@@ -229,23 +230,23 @@ class WorkerSupervisor(Service):
         self._publish(event)
 
     def worker_ended(self, worker, reason):
-        from prometheus_client import multiprocess
-
         # Its live gauges (in-flight, breakers) go; its counters stay in the totals.
         multiprocess.mark_process_dead(worker.pid, self._metrics_dir)
-        how = _describe_exit(reason)
+        how = f"(pid {worker.pid}) {_describe_exit(reason)}"
         if self._stopping:
-            log.info("worker {index} (pid {pid}) {how}", index=worker.index, pid=worker.pid, how=how)
+            log.info("worker {index} {how}", index=worker.index, how=how)
             return
-        lived_s = self.reactor.seconds() - worker.started_at
-        young = 0 if lived_s >= STABLE_S else self._young_deaths.get(worker.index, -1) + 1
-        self._young_deaths[worker.index] = young
+        self._restart_later(worker.index, worker.started_at, how)
+
+    def _restart_later(self, index, started_at, how):
+        lived_s = self.reactor.seconds() - started_at
+        # Consecutive early deaths double the delay; a stable run resets it.
+        young = 0 if lived_s >= STABLE_S else self._young_deaths.get(index, -1) + 1
+        self._young_deaths[index] = young
         delay_s = min(RESTART_MAX_S, RESTART_BASE_S * 2 ** young)
-        log.error("worker {index} (pid {pid}) {how}; restarting it in {delay_s}s",
-                  index=worker.index, pid=worker.pid, how=how, delay_s=delay_s)
-        self._restart_calls[worker.index] = self.reactor.callLater(
-            delay_s, self._spawn, worker.index
-        )
+        log.error("worker {index} {how}; restarting it in {delay_s}s",
+                  index=index, how=how, delay_s=delay_s)
+        self._restart_calls[index] = self.reactor.callLater(delay_s, self._spawn, index)
 
     # -- reload --------------------------------------------------------------
 
@@ -296,11 +297,7 @@ class WorkerSupervisor(Service):
         log.info("stopping {n} workers (waiting up to {limit_s}s)", n=len(live), limit_s=limit_s)
         for worker in live:
             worker.signal("TERM")
-        exited = defer.gatherResults([w.when_ended() for w in live], consumeErrors=True)
-        exited.addTimeout(limit_s, self.reactor)
-        try:
-            await exited
-        except defer.TimeoutError:
+        if not await self._all_ended(live, limit_s):
             for worker in live:
                 if not worker.ended:
                     log.warn("worker {index} (pid {pid}) still running after {limit_s}s; killing it",
@@ -310,6 +307,24 @@ class WorkerSupervisor(Service):
         if self._metrics_dir is not None:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         super().stopService()
+
+    async def _all_ended(self, workers, limit_s):
+        """True once every worker has ended, False if limit_s passes first."""
+        verdict = defer.Deferred()
+
+        def decide(value):
+            if not verdict.called:
+                verdict.callback(value)
+
+        timer = self.reactor.callLater(limit_s, decide, False)
+        # Not cancelled on timeout: the same waits are awaited after SIGKILL.
+        defer.gatherResults([w.when_ended() for w in workers]).addCallback(
+            lambda _: decide(True)
+        )
+        ended = await verdict
+        if timer.active():
+            timer.cancel()
+        return ended
 
 
 def _bind(endpoint):

@@ -6,6 +6,7 @@ answered by the other one.
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -105,6 +106,10 @@ class Supervisor:
             assert reactor.seconds() < deadline, self.log()
             await sleep(0.05)
 
+    def index_of(self, pid):
+        """The worker number the supervisor gave this PID."""
+        return {int(p): int(i) for i, p in SERVING.findall(self.log())}[pid]
+
     def stop(self):
         """SIGTERM, then the exit status (SIGKILL if it hangs)."""
         if self.daemon:
@@ -164,7 +169,8 @@ def total(metrics_text, sample):
 @pytest_twisted.ensureDeferred
 async def test_both_workers_serve_and_metrics_are_totals(tmp_path, upstream, supervisors):
     """When each worker in turn is the only one running, both serve, the supervisor serves nothing, and /metrics from either reports the total."""
-    gw = Supervisor(tmp_path, service_yaml({"svc": upstream.url}))
+    access_log = tmp_path / "access.log"
+    gw = Supervisor(tmp_path, service_yaml({"svc": upstream.url}), extra=["--access-log", str(access_log)])
     supervisors(gw)
     first, second = await gw.serving()
     with paused(second):
@@ -186,6 +192,8 @@ async def test_both_workers_serve_and_metrics_are_totals(tmp_path, upstream, sup
         assert 'gateway_request_latency_seconds_count{service="svc"} 8.0' in text
         assert "gateway_in_flight_requests 0.0" in text
     assert len(upstream.requests) == 8
+    records = [json.loads(line) for line in access_log.read_text().splitlines()]
+    assert [r["path"] for r in records].count("/svc/x") == 7 and len(records) == 8
     if shutil.which("promtool"):
         result = await deferToThread(subprocess.run, ["promtool", "check", "metrics"],
                                      input=text.encode(), capture_output=True, timeout=30)
@@ -278,7 +286,7 @@ async def test_killed_worker_is_restarted_and_totals_survive(tmp_path, upstream,
         assert (await http("GET", gw.base + "/svc/x")).code == 200
     replacement = [pid for pid in await gw.serving() if pid != second]
     assert replacement and replacement[0] != first
-    assert f"worker 1 (pid {first}) was killed by signal 9; restarting it" in gw.log()
+    assert f"worker {gw.index_of(first)} (pid {first}) was killed by signal 9; restarting it" in gw.log()
     with paused(second):
         text = (await http("GET", gw.base + "/metrics")).body.decode()
     assert total(text, 'gateway_requests_total{method="GET",service="svc",status="200"}') == 7
@@ -337,7 +345,7 @@ def _unix_get(path, target):
 
 @pytest_twisted.ensureDeferred
 async def test_daemon_mode_on_a_unix_socket(tmp_path, upstream, supervisors):
-    """When daemonized on a unix: endpoint, each worker answers on the socket and SIGTERM removes the pidfile and the socket file."""
+    """When daemonized on a unix: endpoint, each worker answers on the socket, one worker stopping on its own neither breaks the socket for the other nor stays gone, and SIGTERM removes the pidfile and the socket file."""
     sock = tmp_path / "gw.sock"
     gw = Supervisor(tmp_path, service_yaml({"svc": upstream.url}), port=f"unix:{sock}", daemon=True)
     supervisors(gw)
@@ -346,6 +354,15 @@ async def test_daemon_mode_on_a_unix_socket(tmp_path, upstream, supervisors):
     for other in (second, first):
         with paused(other):
             assert await deferToThread(_unix_get, str(sock), b"/svc/x") == 200
+    os.kill(first, signal.SIGTERM)  # drains and exits 0: still replaced
+    while first in gw.workers():
+        await sleep(0.05)
+    with paused(second):
+        assert await deferToThread(_unix_get, str(sock), b"/svc/x") == 200
+    replacement = next(pid for pid in await gw.serving() if pid != second)
+    with paused(replacement):
+        assert await deferToThread(_unix_get, str(sock), b"/svc/x") == 200
+    assert f"worker {gw.index_of(first)} (pid {first}) exited with status 0; restarting it" in gw.log()
     os.kill(gw.pid, signal.SIGTERM)
     deadline = reactor.seconds() + 20
     while gw.pidfile.exists():
@@ -407,3 +424,41 @@ def test_workers_option_parses_counts_and_auto():
     for bad in ("0", "-2", "two", ""):
         with pytest.raises(usage.UsageError):
             Options().parseOptions(["--workers", bad])
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_that_will_not_stop_is_killed_after_the_grace(tmp_path, upstream, supervisors):
+    """When a worker cannot stop (it is SIGSTOPped), the supervisor kills it after shutdown_grace plus its margin and still exits 0."""
+    gw = Supervisor(tmp_path, service_yaml({"svc": upstream.url}, "settings:\n  shutdown_grace: 0.5\n"))
+    supervisors(gw)
+    first, second = await gw.serving()
+    os.kill(first, signal.SIGSTOP)
+    started = reactor.seconds()
+    os.kill(gw.pid, signal.SIGTERM)
+    assert await deferToThread(gw.proc.wait, 30) == 0
+    assert 5.5 <= reactor.seconds() - started < 15
+    assert f"worker {gw.index_of(first)} (pid {first}) still running after 5.5s; killing it" in gw.log()
+    assert not gw.pidfile.exists()
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_stop_when_the_supervisor_is_killed(tmp_path, upstream, supervisors):
+    """When the supervisor dies without a word (SIGKILL), its workers notice, stop, and release the port."""
+    gw = Supervisor(tmp_path, service_yaml({"svc": upstream.url}))
+    supervisors(gw)
+    workers = await gw.serving()
+    gw.proc.kill()
+    await deferToThread(gw.proc.wait, 10)
+    deadline = reactor.seconds() + 15
+    while not all(_gone(pid) for pid in workers):
+        assert reactor.seconds() < deadline, "workers outlived their supervisor"
+        await sleep(0.1)
+    assert not _accepts(gw.port)
