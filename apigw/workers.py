@@ -22,6 +22,7 @@ wraps its site in TLS itself with the endpoint's key and certificate).
 """
 
 import os
+import json
 import shutil
 import signal
 import sys
@@ -32,7 +33,7 @@ from prometheus_client import multiprocess
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 import apigw
@@ -208,26 +209,29 @@ class WorkerSupervisor(Service):
     # -- what workers say ----------------------------------------------------
 
     def worker_event(self, worker, line):
-        text = line.decode("utf-8", "replace").lstrip("\x1e")
-        if not text.strip():
-            return
+        """One line from the worker's log pipe (apigw.worker.PipeObserver)."""
         try:
-            event = eventFromJSON(text)
-        except ValueError:
-            log.warn("worker {index}: {line}", index=worker.index, line=text)
+            record = json.loads(line)
+            level = LogLevel.levelWithName(record["level"])
+            text, namespace = str(record["text"]), str(record["namespace"])
+            log_time = float(record["time"])
+        except (ValueError, TypeError, KeyError, InvalidLogLevelError):
+            if line.strip():
+                log.warn("worker {index}: {line}", index=worker.index,
+                         line=line.decode("utf-8", "replace"))
             return
-        if event.get(READY):
+        if record.get(READY):
             worker.ready = True
             if worker.reload_pending:
                 worker.reload_pending = False
                 worker.signal("HUP")
-        if event.get(RELOAD_OTHERS):
+        if record.get(RELOAD_OTHERS):
             self._reload_workers(but=worker)
-        level = event.get("log_level")
-        event["log_system"] = "worker {} {}#{}".format(
-            worker.index, event.get("log_namespace", "-"), getattr(level, "name", "-")
-        )
-        self._publish(event)
+        self._publish({
+            "log_time": log_time, "log_level": level, "log_namespace": namespace,
+            "log_system": f"worker {worker.index} {namespace}#{level.name}",
+            "log_format": "{log_text}", "log_text": text,
+        })
 
     def worker_ended(self, worker, reason):
         # Its live gauges (in-flight, breakers) go; its counters stay in the totals.
