@@ -199,7 +199,7 @@ def _make_service(options, reactor):
     return service
 
 
-def _started(service, index, reactor):
+def _started(service, index, reactor, parent_pid):
     # Ctrl-C in a terminal reaches the whole process group: shutting down
     # is the supervisor's decision, it sends SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -211,7 +211,7 @@ def _started(service, index, reactor):
         "worker {index} serving (pid {pid})", index=index, pid=os.getpid(), **{READY: True}
     ))
     d.addErrback(_listen_failed, reactor)
-    _watch_parent(reactor, os.getppid())
+    _watch_parent(reactor, parent_pid)
 
 
 def _listen_failed(failure, reactor):
@@ -235,6 +235,7 @@ def _watch_parent(reactor, parent_pid):
 
 
 def main(argv=None):
+    parent_pid = os.getppid()  # first thing: the supervisor may die while we start
     options = WorkerOptions()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
@@ -249,7 +250,7 @@ def main(argv=None):
     service = _make_service(options, reactor)
     if service is None:
         return 1
-    reactor.callWhenRunning(_started, service, options["index"], reactor)
+    reactor.callWhenRunning(_started, service, options["index"], reactor, parent_pid)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     return 0
