@@ -11,6 +11,7 @@ writes them into twistd's log.
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -226,12 +227,16 @@ def _watch_parent(reactor, parent_pid):
     def check():
         if os.getppid() != parent_pid and reactor.running:
             log.warn("supervisor (pid {pid}) is gone; stopping", pid=parent_pid)
+            _orphaned.set()
             loop.stop()
             reactor.stop()
 
     loop = LoopingCall(check)
     loop.clock = reactor
     loop.start(1.0, now=False)
+
+
+_orphaned = threading.Event()
 
 
 def main(argv=None):
@@ -253,6 +258,10 @@ def main(argv=None):
     reactor.callWhenRunning(_started, service, options["index"], reactor, parent_pid)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
+    if _orphaned.is_set():
+        # Nobody else will remove the metrics files now; a sibling still
+        # draining keeps its open mmaps, and /metrics no longer matters.
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     return 0
 
 

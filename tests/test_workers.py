@@ -299,6 +299,7 @@ async def test_sigterm_drains_both_workers(tmp_path, upstream, supervisors):
     gw = Supervisor(tmp_path, service_yaml({"svc": upstream.url}, "settings:\n  shutdown_grace: 10\n"))
     supervisors(gw)
     first, second = await gw.serving()
+    metrics_dir = _metrics_dir(first)
     slow = []
     for other in (second, first):
         with paused(other):
@@ -319,7 +320,7 @@ async def test_sigterm_drains_both_workers(tmp_path, upstream, supervisors):
     replies = await defer.gatherResults(slow)
     assert [(r.code, r.body) for r in replies] == [(200, b"finished")] * 2
     assert await deferToThread(gw.proc.wait, 20) == 0
-    assert not gw.pidfile.exists()
+    assert not gw.pidfile.exists() and not os.path.exists(metrics_dir)
     assert "Traceback" not in gw.log(), gw.log()
 
 
@@ -441,6 +442,15 @@ async def test_worker_that_will_not_stop_is_killed_after_the_grace(tmp_path, ups
     assert not gw.pidfile.exists()
 
 
+def _metrics_dir(worker_pid):
+    """The PROMETHEUS_MULTIPROC_DIR the supervisor gave a worker."""
+    with open(f"/proc/{worker_pid}/environ", "rb") as f:
+        environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    path = environ[b"PROMETHEUS_MULTIPROC_DIR"].decode()
+    assert os.path.isdir(path)
+    return path
+
+
 def _gone(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -451,10 +461,11 @@ def _gone(pid):
 
 @pytest_twisted.ensureDeferred
 async def test_workers_stop_when_the_supervisor_is_killed(tmp_path, upstream, supervisors):
-    """When the supervisor dies without a word (SIGKILL), its workers notice, stop, and release the port."""
+    """When the supervisor dies without a word (SIGKILL), its workers notice, stop, release the port and remove the metrics directory."""
     gw = Supervisor(tmp_path, service_yaml({"svc": upstream.url}))
     supervisors(gw)
     workers = await gw.serving()
+    metrics_dir = _metrics_dir(workers[0])
     gw.proc.kill()
     await deferToThread(gw.proc.wait, 10)
     deadline = reactor.seconds() + 15
@@ -462,3 +473,4 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path, upstream, su
         assert reactor.seconds() < deadline, "workers outlived their supervisor"
         await sleep(0.1)
     assert not _accepts(gw.port)
+    assert not os.path.exists(metrics_dir)
