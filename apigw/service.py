@@ -1,8 +1,5 @@
 """GatewayService: the one service tree twistd runs, and its start/stop order."""
 
-import signal
-import threading
-
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -17,6 +14,7 @@ from apigw.logs import AccessLog
 from apigw.metrics import Metrics, MetricsResource
 from apigw.proxy import GatewayRoot, GatewaySite, Healthz, Readyz, ServiceResource
 from apigw.ratelimit import RateLimiting, make_limiter
+from apigw.signals import SighupHandler, exit_zero_after_sigterm
 from apigw.upstream import Forwarder
 
 log = Logger()
@@ -48,7 +46,7 @@ class GatewayService(MultiService):
         self.shutting_down = False
         self._in_flight = 0
         self._drained = []
-        self._previous_sighup = None
+        self._sighup = SighupHandler(reactor, self._reload_quietly)
         self._port_description = port
         self._admin_port_description = admin_port
         self.config = None
@@ -119,11 +117,6 @@ class GatewayService(MultiService):
         if self.reload_others is not None:
             self.reload_others()
         return names
-
-    def _on_sighup(self, signum, frame):
-        # Signal handlers may run between any two bytecodes: hand the work
-        # to the reactor instead of touching state here.
-        self.reactor.callFromThread(self._reload_quietly)
 
     def _reload_quietly(self):
         try:
@@ -227,8 +220,7 @@ class GatewayService(MultiService):
     # -- lifecycle ---------------------------------------------------------
 
     def startService(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+        self._sighup.install()
         self.access_log.start()
         self.rate_limiting.start()
         self.key_store.start().addErrback(self._key_store_failed)
@@ -244,13 +236,8 @@ class GatewayService(MultiService):
 
     async def _stop(self):
         self.shutting_down = True
-        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
-            # twistd re-raises the signal that stopped it, so a clean drain
-            # would exit 143; SPEC section 8 promises exit 0 for SIGTERM.
-            self.reactor._exitSignal = None
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
+        exit_zero_after_sigterm(self.reactor)
+        self._sighup.uninstall()
         # Children first: this stops listening.
         await super().stopService()
         await self._drain(self.config.settings.shutdown_grace_s)

@@ -24,10 +24,8 @@ wraps its site in TLS itself with the endpoint's key and certificate).
 import os
 import json
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 
 from prometheus_client import multiprocess
 from twisted.application.service import Service
@@ -38,6 +36,7 @@ from twisted.python.failure import Failure
 
 import apigw
 from apigw.config import ConfigError, reload_config
+from apigw.signals import SighupHandler, exit_zero_after_sigterm
 from apigw.worker import READY, RELOAD_OTHERS
 
 log = Logger()
@@ -151,7 +150,7 @@ class WorkerSupervisor(Service):
         self._young_deaths = {}  # index -> consecutive exits soon after starting
         self._restart_calls = {}
         self._metrics_dir = None
-        self._previous_sighup = None
+        self._sighup = SighupHandler(reactor, self._reload_workers)
         self._stopping = False
 
     # -- start -------------------------------------------------------------
@@ -165,8 +164,7 @@ class WorkerSupervisor(Service):
     def startService(self):
         super().startService()
         self._metrics_dir = tempfile.mkdtemp(prefix="apigw-metrics-")
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+        self._sighup.install()
         log.info("apigw supervisor (pid {pid}) listening on {port}; starting {n} workers",
                  pid=os.getpid(), port=self._endpoints["port"][0], n=self.count)
         for index in range(1, self.count + 1):
@@ -254,10 +252,6 @@ class WorkerSupervisor(Service):
 
     # -- reload --------------------------------------------------------------
 
-    def _on_sighup(self, signum, frame):
-        # Signal handlers may run between any two bytecodes: hand over.
-        self.reactor.callFromThread(self._reload_workers)
-
     def _reload_workers(self, but=None):
         try:
             # Only shutdown_grace matters here; workers log what is wrong.
@@ -281,12 +275,8 @@ class WorkerSupervisor(Service):
 
     async def _stop(self):
         self._stopping = True
-        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
-            # As in GatewayService: SPEC section 8 promises exit 0 for SIGTERM.
-            self.reactor._exitSignal = None
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
+        exit_zero_after_sigterm(self.reactor)
+        self._sighup.uninstall()
         for call in self._restart_calls.values():
             call.cancel()
         self._restart_calls.clear()

@@ -1,0 +1,37 @@
+"""Signal plumbing shared by the single-process service and the supervisor."""
+
+import signal
+import threading
+
+
+class SighupHandler:
+    """Calls `callback` on the reactor thread for each SIGHUP while installed.
+
+    A signal handler may run between any two bytecodes, so it only hands the
+    work to the reactor. Installed from the main thread only (tests run
+    services elsewhere too); `uninstall` restores what was there before.
+    """
+
+    def __init__(self, reactor, callback):
+        self._reactor = reactor
+        self._callback = callback
+        self._previous = None
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGHUP, self._handle)
+
+    def uninstall(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self._reactor.callFromThread(self._callback)
+
+
+def exit_zero_after_sigterm(reactor):
+    """twistd re-raises the signal that stopped it, so a clean drain after
+    SIGTERM would exit 143; SPEC section 8 promises exit 0."""
+    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+        reactor._exitSignal = None
