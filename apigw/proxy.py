@@ -8,6 +8,7 @@ segment (so %2F would be lost), hence the raw `request.uri` is used.
 import json
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web import server
@@ -136,6 +137,8 @@ class GatewaySite(server.Site):
         super().__init__(resource, **kwargs)
         self.gateway = gateway
         self.connections = ConnectionLimit(self.max_connections, gateway.clock)
+        self._channels = set()
+        self._all_closed = []
 
     def buildProtocol(self, addr):
         if not self.connections.admit(addr):
@@ -144,9 +147,31 @@ class GatewaySite(server.Site):
 
     def connection_opened(self, channel):
         self.connections.open += 1
+        self._channels.add(channel)
 
     def connection_closed(self, channel):
         self.connections.open -= 1
+        self._channels.discard(channel)
+        if not self._channels and self._all_closed:
+            waiters, self._all_closed = self._all_closed, []
+            for d in waiters:
+                d.callback(None)
+
+    def close_connections(self):
+        """Close every client connection once its pending bytes are sent;
+        fires when all are gone.
+
+        After a drain the last response may still sit in a transport's
+        buffer: stopping the reactor now would drop it, loseConnection
+        writes it out first.
+        """
+        if not self._channels:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._all_closed.append(d)
+        for channel in list(self._channels):
+            channel.transport.loseConnection()
+        return d
 
     def log(self, request):
         # The access log is ours (apigw.logs), one JSON record per request.

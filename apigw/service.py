@@ -209,6 +209,12 @@ class GatewayService(MultiService):
         d.addTimeout(grace_s, self.clock, onTimeoutCancel=self._drain_expired)
         return d
 
+    def _close_client_connections(self, timeout_s):
+        sites = [self.site] + ([self.admin_site] if self.admin_listener is not None else [])
+        d = defer.gatherResults([site.close_connections() for site in sites], consumeErrors=True)
+        d.addTimeout(timeout_s, self.clock, onTimeoutCancel=lambda result, t: None)
+        return d
+
     def _drain_expired(self, result, grace_s):
         log.warn("shutdown grace of {grace}s over with {n} requests in flight",
                  grace=grace_s, n=self._in_flight)
@@ -240,7 +246,11 @@ class GatewayService(MultiService):
         self._sighup.uninstall()
         # Children first: this stops listening.
         await super().stopService()
-        await self._drain(self.config.settings.shutdown_grace_s)
+        started = self.clock.seconds()
+        grace_s = self.config.settings.shutdown_grace_s
+        await self._drain(grace_s)
+        # Responses just finished may still be in the sockets' buffers.
+        await self._close_client_connections(max(1.0, grace_s - (self.clock.seconds() - started)))
         await self.forwarder.close()
         await self.rate_limiting.stop()
         await self.key_store.stop()

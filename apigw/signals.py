@@ -32,6 +32,15 @@ class SighupHandler:
 
 def exit_zero_after_sigterm(reactor):
     """twistd re-raises the signal that stopped it, so a clean drain after
-    SIGTERM would exit 143; SPEC section 8 promises exit 0."""
-    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
-        reactor._exitSignal = None
+    SIGTERM would exit 143; SPEC section 8 promises exit 0.
+
+    Cleared at the very end of shutdown: a second SIGTERM during the drain
+    (systemd's control-group kill, an impatient operator) sets it again.
+    """
+    def clear():
+        if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+            reactor._exitSignal = None
+
+    clear()
+    if getattr(reactor, "running", False):
+        reactor.addSystemEventTrigger("after", "shutdown", clear)

@@ -173,3 +173,49 @@ def _in_thread(f):
     from twisted.internet.threads import deferToThread
 
     return deferToThread(f)
+
+
+class _Slow(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        def answer():
+            # Not kept alive: the gateway's pool then has nothing to close
+            # at shutdown, the case where nothing else gave the reactor a
+            # turn to flush the client's response.
+            request.setHeader(b"connection", b"close")
+            request.setHeader(b"content-length", b"2")
+            request.write(b"ok")
+            request.finish()
+
+        reactor.callLater(1.0, answer)
+        return NOT_DONE_YET
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_lets_in_flight_responses_reach_the_clients(tmp_path):
+    """When SIGTERM arrives while requests wait on their upstream, each client still gets its response and twistd exits 0."""
+    from twisted.internet.defer import ensureDeferred, gatherResults
+    from twisted.internet.task import deferLater
+    from twisted.web.client import HTTPConnectionPool
+
+    upstream_port = reactor.listenTCP(0, Site(_Slow()), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{upstream_port.getHost().port}"
+    gw = _Gateway(tmp_path, f"services:\n  slow:\n    url: \"{url}\"\n    auth: false\n")
+    try:
+        await _in_thread(gw.wait)
+        # Keep-alive clients, as most are: nothing asks for a close.
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        in_flight = [ensureDeferred(http("GET", gw.base + "/slow/x", pool=pool)) for _ in range(3)]
+        await deferLater(reactor, 0.4, lambda: None)
+        gw.proc.send_signal(signal.SIGTERM)
+        replies = await gatherResults(in_flight)
+        assert [(r.code, r.body) for r in replies] == [(200, b"ok")] * 3
+        # It exits by itself once drained (a second SIGTERM after the
+        # reactor restored default handlers would just kill it).
+        code = await _in_thread(lambda: gw.proc.wait(timeout=15))
+    finally:
+        _, _, err = await _in_thread(gw.stop)
+        await upstream_port.stopListening()
+        await pool.closeCachedConnections()
+    assert code == 0, err
