@@ -11,6 +11,7 @@ import math
 import attr
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from apigw.errors import GatewayError
 
@@ -271,7 +272,7 @@ class RedisLimiter:
         key = self._prefix + bucket
         d = redis.execute_command("EVALSHA", LUA_CHECK_SHA, 1, key, *args)
         d.addErrback(self._load_script, redis, key, args)
-        d.addTimeout(self._timeout_s, self._clock)
+        _add_patient_timeout(d, self._timeout_s, self._clock)
         d.addCallbacks(_to_decision, self._unavailable, callbackArgs=(limit,))
         return d
 
@@ -301,6 +302,36 @@ class RedisLimiter:
         if failure.check(defer.TimeoutError):
             raise LimiterUnavailable(f"no answer from Redis in {self._timeout_s} s")
         raise LimiterUnavailable(f"Redis failed: {failure.getErrorMessage()}")
+
+
+def _add_patient_timeout(d, timeout_s, clock):
+    """Like Deferred.addTimeout, but the deadline waits one more reactor turn.
+
+    The reactor runs due timers before it reads sockets: after any stall
+    longer than the timeout (a GC pause, a starved CPU), a plain timeout
+    fires while Redis's answer already sits unread in the socket. A
+    callLater(0) from the timer runs after the next poll has read it.
+    """
+    expired = []
+
+    def expire():
+        if not d.called:
+            expired.append(True)
+            d.cancel()
+
+    call = clock.callLater(timeout_s, lambda: calls.append(clock.callLater(0, expire)))
+    calls = [call]
+
+    def done(result):
+        for c in calls:
+            if c.active():
+                c.cancel()
+        if expired and isinstance(result, Failure) and result.check(defer.CancelledError):
+            return Failure(defer.TimeoutError(f"no answer within {timeout_s}s"))
+        return result
+
+    d.addBoth(done)
+    return d
 
 
 def _to_decision(reply, limit):

@@ -403,3 +403,52 @@ def test_limiter_outage_is_logged_once_per_interval_and_counted():
     warnings = [e for e in events if e.get("log_namespace") == "apigw.ratelimit.RateLimiting"]
     assert [e["count"] for e in warnings] == [1, 3]
     assert gate.failures == 4
+
+
+class _TurnClock:
+    """A Clock whose zero-delay calls wait for an explicit reactor turn, as
+    the real reactor's do (they run after the next poll)."""
+
+    def __init__(self):
+        from twisted.internet.task import Clock
+
+        self.timers, self.turns = Clock(), Clock()
+
+    def callLater(self, delay, f, *args, **kwargs):
+        clock = self.turns if delay == 0 else self.timers
+        return clock.callLater(delay, f, *args, **kwargs)
+
+    def seconds(self):
+        return self.timers.seconds()
+
+
+def test_limiter_timeout_waits_one_turn_for_an_answer_already_read():
+    """When the deadline passes during a stall but the answer is read in the next poll, the decision stands and no timeout is reported."""
+    from twisted.internet.defer import Deferred
+
+    from apigw.ratelimit import _add_patient_timeout
+
+    clock = _TurnClock()
+    d = Deferred()
+    results = []
+    _add_patient_timeout(d, 0.1, clock).addBoth(results.append)
+    clock.timers.advance(0.5)  # the stall: the timer is long overdue
+    assert results == []
+    d.callback("answer")  # the poll after the stall reads Redis's reply
+    clock.turns.advance(0)
+    assert results == ["answer"]
+
+
+def test_limiter_timeout_fires_when_no_answer_came():
+    """When nothing arrives by the turn after the deadline, the call fails with a timeout."""
+    from twisted.internet.defer import Deferred, TimeoutError
+
+    from apigw.ratelimit import _add_patient_timeout
+
+    clock = _TurnClock()
+    d = Deferred()
+    results = []
+    _add_patient_timeout(d, 0.1, clock).addBoth(results.append)
+    clock.timers.advance(0.1)
+    clock.turns.advance(0)
+    assert len(results) == 1 and results[0].check(TimeoutError)
