@@ -48,6 +48,27 @@ MIGRATIONS = {
 _COLUMNS = "id, owner, prefix, services, rate_limit, created_at, expires_at, revoked_at"
 
 
+class _QuietConnection(adbapi.Connection):
+    """adbapi's Connection, minus two logged tracebacks per dead connection.
+
+    After a PostgreSQL restart the first query on each pooled connection
+    fails, and the stock rollback logs "Rollback failed" and raises, which
+    its caller logs again. That is an outage we already report once (and
+    answer with 503); here the dead connection is just dropped, and the
+    original error still reaches the caller.
+    """
+
+    def rollback(self):
+        try:
+            self._connection.rollback()
+            cursor = self._connection.cursor()
+            cursor.execute(self._pool.good_sql)
+            cursor.close()
+            self._connection.commit()
+        except Exception:
+            self._pool.disconnect(self._connection)
+
+
 class KeyStoreUnavailable(Exception):
     """The key database did not answer; never a reason to answer 401."""
 
@@ -170,6 +191,7 @@ class KeyStore:
                 "psycopg2", cp_min=1, cp_max=5, cp_reconnect=True,
                 cp_reactor=self._reactor, cp_noisy=False, **params,
             )
+            self._pool.connectionFactory = _QuietConnection
         self._pool.start()
         return Deferred.fromCoroutine(self._ensure_schema())
 
