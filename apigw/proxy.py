@@ -266,9 +266,7 @@ class ServiceResource(Resource):
             raise GatewayError(
                 413, f"request body is larger than {service.max_body_bytes} bytes"
             )
-        # HOOK: auth -- GatewayService.authenticate (apigw/service.py)
         request.consumer = await gateway.authenticate(request, service)
-        # HOOK: ratelimit -- GatewayService.check_rate_limit (apigw/service.py)
         await gateway.check_rate_limit(request, service, request.consumer)
         await gateway.forwarder.forward(request, service, upstream_path, request.consumer)
 

@@ -61,7 +61,6 @@ class GatewayService(MultiService):
         self.root.putChild(b"healthz", Healthz())
         self.root.putChild(b"readyz", Readyz(self))
         self.root.putChild(b"metrics", MetricsResource(self.metrics))
-        # HOOK: admin
         self.admin = AdminAPI(
             self.key_store, self.authenticator, config.env.master_key,
             admin_allow=lambda: self.config.settings.admin_allow,

@@ -216,7 +216,6 @@ class Forwarder:
         jittered backoff on the clock. Only the final attempt's response is
         relayed, so no retry ever follows a byte sent to the client.
         """
-        # HOOK: resilience
         balancer = self.balancer_for(service)
         retryable = is_idempotent(request.method, service.retry_non_idempotent)
         extra = service.retries if retryable else 0

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import procs  # noqa: E402  (a sibling module; bench/ is not a package)
@@ -256,16 +255,8 @@ def _git_commit():
     return out.stdout.strip() or None
 
 
-def say(text):
-    print(text, file=sys.stderr, flush=True)
+say = procs.say
 
 
 if __name__ == "__main__":
-    procs.exit_cleanly_on_sigterm()
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    procs.run_script(main, "bench")

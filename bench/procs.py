@@ -466,3 +466,20 @@ def exit_cleanly_on_sigterm():
     def handler(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, handler)
+
+
+def say(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_script(main, name):
+    """Entry point of bench.py and soak.py: what they started is stopped on
+    SIGTERM too, and a failed setup step is one line, exit status 1."""
+    exit_cleanly_on_sigterm()
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -518,16 +518,8 @@ def print_report(r):
         print(f"  - {p}")
 
 
-def say(text):
-    print(text, file=sys.stderr, flush=True)
+say = procs.say
 
 
 if __name__ == "__main__":
-    procs.exit_cleanly_on_sigterm()
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"soak: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    procs.run_script(main, "soak")
