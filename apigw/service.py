@@ -39,7 +39,8 @@ class GatewayService(MultiService):
         self.clock = clock if clock is not None else reactor
         self.metrics = metrics if metrics is not None else Metrics()
         self.access_log = AccessLog(access_log)
-        self.forwarder = Forwarder(reactor, self.metrics, clock=self.clock)
+        self.forwarder = Forwarder(reactor, self.metrics, clock=self.clock,
+                                   debug=config.env.debug)
         self.rate_limiting = RateLimiting(
             make_limiter(config, self.clock, reactor), self.metrics, self.clock
         )

@@ -32,6 +32,7 @@ from apigw.balancer import Balancer, BreakerRegistry
 from apigw.config import Settings
 from apigw.errors import GatewayError
 from apigw.h1client import FastAgent, UpstreamPool
+from apigw.logs import redact
 from apigw.retry import RETRYABLE_STATUSES, backoff_delay_s, is_idempotent
 
 log = Logger()
@@ -158,8 +159,11 @@ class Forwarder:
     """Sends requests to upstream targets over one keep-alive pool."""
 
     def __init__(self, reactor, metrics, clock=None, agent=None, max_idle_per_host=64,
-                 breakers=None, jitter=random.random):
+                 breakers=None, jitter=random.random, debug=False):
         self._reactor = reactor
+        # DEBUG=true: one debug line per upstream attempt (twistd logs every
+        # level); off, the hot path does not even build the event.
+        self._debug = debug
         self._clock = clock if clock is not None else reactor
         self._metrics = metrics
         self._jitter = jitter
@@ -286,6 +290,12 @@ class Forwarder:
         """One upstream attempt up to response headers; GatewayError on failure."""
         uri = target.scheme + b"://" + target.host_header + target.base_path + upstream_path
         headers = upstream_headers(request, target, service.name, consumer)
+        if self._debug:
+            log.debug(
+                "request {request_id}: {method} {uri} (attempt {attempt})",
+                request_id=request.request_id, method=request.method.decode("ascii", "replace"),
+                uri=redact(uri.decode("latin-1")), attempt=request.attempts,
+            )
         started = self._clock.seconds()
         d = self._agent.request(request.method, uri, headers, body_producer(request))
         # Cancelling the Agent's Deferred fails it with ResponseNeverReceived,

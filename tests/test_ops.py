@@ -302,3 +302,28 @@ def test_daemon_lifecycle(tmp_path):
     assert "config reloaded" in log_text
     assert "Traceback" not in log_text
     assert_no_secrets(log_text, "twistd.log")
+
+
+@pytest.mark.parametrize("debug", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_debug_setting_adds_one_debug_line_per_attempt(tmp_path, upstreams, debug):
+    """When DEBUG is true, each upstream attempt is logged at debug level; when false, nothing is."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    first, _ = upstreams
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    env = Environment(database_url=f"sqlite:///{tmp_path}/gw.db", debug=debug)
+    service, base = await start_gateway(_yaml({"svc": first.url}), env=env)
+    try:
+        await http("GET", base + "/svc/x?q=1", headers={b"X-Request-ID": b"dbg-1"})
+    finally:
+        await service.stopService()
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if e.get("log_level") == LogLevel.debug
+             and e.get("log_namespace") == "apigw.upstream"]
+    if debug:
+        assert len(lines) == 1
+        assert lines[0]["request_id"] == "dbg-1" and lines[0]["uri"].endswith("/x?q=1")
+    else:
+        assert lines == []
