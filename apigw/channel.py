@@ -20,6 +20,7 @@ class GatewayChannel(http.HTTPChannel):
 
     _head_timer = None
     _in_request = False
+    _answered_early = False
 
     def connectionMade(self):
         super().connectionMade()
@@ -41,6 +42,24 @@ class GatewayChannel(http.HTTPChannel):
     def requestDone(self, request):
         self._in_request = False
         super().requestDone(request)
+
+    def answer_early(self, request):
+        """Process `request` before its body is in (it will only be refused
+        as too large), then close: reading and discarding gigabytes would
+        only serve the sender."""
+        self._answered_early = True
+        self.persistent = False
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.dataReceived = lambda data: None
+        request.requestReceived(self._command, self._path, self._version)
+
+    def allContentReceived(self):
+        if not self._answered_early:  # else already handed to the request
+            super().allContentReceived()
+
+    def _send100Continue(self):
+        if not self._answered_early:  # no invitation to upload what we refused
+            super()._send100Continue()
 
     def lineLengthExceeded(self, line):
         # HTTPChannel would just close; tell the client what was too long.

@@ -48,11 +48,12 @@ class GatewayRequest(server.Request):
         self.extra_response_headers = []
 
     def gotLength(self, length):
-        limit = self.channel.site.gateway.body_limit
-        if length is not None and length > limit:
-            # Hopeless already: keep nothing of the body, answer 413 later.
+        if length is not None and length > self.channel.site.gateway.body_limit:
+            # Hopeless already: answer 413 now instead of reading it all.
             self.body_too_large = True
-            length = 0
+            super().gotLength(0)
+            self.channel.answer_early(self)
+            return
         super().gotLength(length)
 
     def handleContentChunk(self, data):
@@ -60,9 +61,11 @@ class GatewayRequest(server.Request):
             return
         self.body_length += len(data)
         if self.body_length > self.channel.site.gateway.body_limit:
+            # A chunked body that outgrew every limit: same as above.
             self.body_too_large = True
             self.content.seek(0)
             self.content.truncate()
+            self.channel.answer_early(self)
             return
         super().handleContentChunk(data)
 

@@ -138,3 +138,49 @@ async def test_connection_flood_is_capped_with_one_log_line(gw):
     limit_lines = [e for e in events if "connection limit" in e.get("log_format", "")]
     assert len(limit_lines) == 1
     assert limit_lines[0]["limit"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_declared_oversized_body_is_refused_before_it_is_sent(gw):
+    """When Content-Length is over every limit, the 413 comes at once (no 100 Continue) and the connection closes without reading the body."""
+    service, base, upstream = gw
+    port = _port(base)
+    started = reactor.seconds()
+    data = await raw_exchange(port, (
+        b"POST /pub/x HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000000\r\n"
+        b"Expect: 100-continue\r\n\r\n" + b"x" * 1000), timeout_s=5)
+    assert reactor.seconds() - started < 2
+    assert data.startswith(b"HTTP/1.1 413"), data[:100]
+    assert b"100 Continue" not in data
+    assert b'"request_id"' in data and b"connection: close" in data.lower()
+    assert upstream.requests == []
+    assert (await http("GET", base + "/pub/ok")).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_body_outgrowing_every_limit_is_cut_short(upstream_for_small_limit):
+    """When a chunked upload passes every limit, the 413 comes while the client is still sending."""
+    base, upstream = upstream_for_small_limit
+    proto = _Collect()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", _port(base)), proto)
+    proto.transport.write(b"POST /pub/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(3):
+        proto.transport.write(b"50\r\n" + b"x" * 80 + b"\r\n")
+    # No terminating chunk: the client would go on; the gateway answers anyway.
+    guard = reactor.callLater(5, proto.transport.loseConnection)
+    data = await proto.done
+    if guard.active():
+        guard.cancel()
+    assert data.startswith(b"HTTP/1.1 413"), data[:100]
+    assert upstream.requests == []
+
+
+@pytest_twisted.async_yield_fixture
+async def upstream_for_small_limit():
+    upstream = TestUpstream().start()
+    service, base = await start_gateway(
+        f"services:\n  pub:\n    url: {upstream.url}\n    auth: false\nsettings:\n  max_body_bytes: 100\n"
+    )
+    yield base, upstream
+    await service.stopService()
+    await upstream.stop()
