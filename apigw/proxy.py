@@ -6,6 +6,7 @@ segment (so %2F would be lost), hence the raw `request.uri` is used.
 """
 
 import json
+import re
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
@@ -19,6 +20,8 @@ from apigw.errors import GatewayError, error_response, request_id_for
 from apigw.logs import redact
 
 log = Logger()
+
+_CONTROL_BYTES = re.compile(rb"[\x00-\x20\x7f]")
 
 REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
 
@@ -294,6 +297,10 @@ def forwarded_path(uri, service):
     service's root are refused: the request could otherwise reach another
     route of the upstream or of the gateway.
     """
+    if _CONTROL_BYTES.search(uri):
+        # twisted.web lets DEL (0x7f) through; no upstream request line may
+        # carry it, and neither may our log lines.
+        raise GatewayError(400, "the request target contains control characters")
     path, sep, query = uri.partition(b"?")
     # path is b"/<raw service segment>[/rest]"
     slash = path.find(b"/", 1)

@@ -53,6 +53,7 @@ HOSTILE = {
         b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n", b"405"),
     "TRACE": (b"TRACE /pub/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"405"),
     "non-ASCII path": (b"GET /pub/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+    "DEL in the path": (b"GET /pub/a\x7fb?x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"400"),
     "space before colon": (b"GET /pub/x HTTP/1.1\r\nHost: x\r\nX-A : b\r\n\r\n", b"400"),
     "HTTP/0.9 request": (b"GET /pub/x\r\n\r\n", b"400"),
     "unknown HTTP version": (b"GET /pub/x HTTP/9.9\r\nHost: x\r\n\r\n", b"400"),
