@@ -12,6 +12,7 @@ a proxy may do.
 import random
 
 from twisted.internet import defer, error, task
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -255,7 +256,7 @@ class Forwarder:
             )
         if isinstance(outcome, GatewayError):
             raise outcome
-        await relay(request, outcome)
+        await relay(request, outcome, self._clock, service.timeout_s)
         if request.upstream_failed:
             # Cut off mid-body: a connection failure of this target, too late
             # to retry but not too late to count.
@@ -394,8 +395,12 @@ def copy_response_headers(response, request):
         out.setRawHeaders(b"content-length", [b"%d" % response.length])
 
 
-def relay(request, response):
-    """Stream `response` to the client; fires when the client has it all."""
+def relay(request, response, clock, idle_timeout_s):
+    """Stream `response` to the client; fires when the client has it all.
+
+    An upstream that goes quiet mid-body for idle_timeout_s is cut off, like
+    nginx's proxy_read_timeout: nothing else would ever end that request.
+    """
     request.setResponseCode(response.code, response.phrase)
     # No invented Content-Type when the upstream sent none.
     request.defaultContentType = None
@@ -409,7 +414,7 @@ def relay(request, response):
         response.deliverBody(_Discard(done))
         done.addCallback(lambda _: _finish(request))
         return done
-    response.deliverBody(_Relay(request, done))
+    response.deliverBody(_Relay(request, done, clock, idle_timeout_s))
     return done
 
 
@@ -426,30 +431,67 @@ class _Discard(Protocol):
         self._done.callback(None)
 
 
+@implementer(IPushProducer)
 class _Relay(Protocol):
     """Writes upstream body bytes to the client as they come.
 
-    The upstream transport is registered as the client's producer, so a slow
-    client pauses the upstream socket instead of growing our buffers.
+    It is the client's producer, passing pause and resume on to the upstream
+    transport: a slow client pauses the upstream socket instead of growing
+    our buffers, and the idle timer only runs while we are willing to read.
     """
 
-    def __init__(self, request, done):
+    def __init__(self, request, done, clock, idle_timeout_s):
         self._request = request
         self._done = done
+        self._clock = clock
+        self._idle_timeout_s = idle_timeout_s
+        self._timer = None
 
     def connectionMade(self):
-        self._request.registerProducer(self.transport, True)
+        self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(self._client_gone)
+        self._arm()
 
     def _client_gone(self, _):
         # The client left mid-body: stop reading from the upstream.
+        self.stopProducing()
+
+    def pauseProducing(self):
+        self._disarm()
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        self.transport.resumeProducing()
+        self._arm()
+
+    def stopProducing(self):
+        self._disarm()
+        self.transport.stopProducing()
+
+    def _arm(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout_s)
+        else:
+            self._timer = self._clock.callLater(self._idle_timeout_s, self._stalled)
+
+    def _disarm(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _stalled(self):
+        self._timer = None
+        log.info("upstream body stalled for {timeout}s; cutting it off",
+                 timeout=self._idle_timeout_s)
         self.transport.stopProducing()
 
     def dataReceived(self, data):
         if not self._request._disconnected:
+            self._arm()
             self._request.write(data)
 
     def connectionLost(self, reason):
+        self._disarm()
         request = self._request
         if not request._disconnected:
             request.unregisterProducer()

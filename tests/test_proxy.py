@@ -323,6 +323,25 @@ async def test_body_cut_short_upstream_closes_client_connection():
 
 
 @pytest_twisted.ensureDeferred
+async def test_upstream_stalling_mid_body_is_cut_off_after_timeout():
+    """When the upstream goes quiet mid-body for the timeout, the client connection is closed (body truncated) instead of hanging."""
+    raw = RawUpstream("stall").start()
+    service, base = await start_gateway(
+        f"services:\n  stall:\n    url: {raw.url}\n    auth: false\n    timeout: 0.3\n    retries: 0\n"
+    )
+    try:
+        port = int(base.rsplit(":", 1)[1])
+        started = reactor.seconds()
+        data = await raw_exchange(port, b"GET /stall/x HTTP/1.1\r\nHost: gw\r\n\r\n", timeout_s=10)
+        assert 0.25 < reactor.seconds() - started < 3
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body == b"0123456789"
+    finally:
+        await service.stopService()
+        await raw.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_hanging_upstream_is_504_after_timeout(upstream):
     """When the upstream sends no headers within timeout, the client gets 504 and the connection is dropped."""
     service, base = await start_gateway(

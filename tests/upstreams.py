@@ -134,6 +134,11 @@ class _Raw(protocol.Protocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data):
+        if self.factory.mode == "stall":
+            # Headers and the start of the body, then silence, connection open.
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"
+            )
         if self.factory.mode == "cut":
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10
@@ -142,7 +147,8 @@ class _Raw(protocol.Protocol):
 
 
 class RawUpstream(protocol.Factory):
-    """reset: RST on connect; garbage: a non-HTTP answer; cut: body cut short."""
+    """reset: RST on connect; garbage: a non-HTTP answer; cut: body cut short;
+    stall: body started, then silence."""
 
     protocol = _Raw
     noisy = False
