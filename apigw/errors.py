@@ -1,8 +1,11 @@
 """JSON errors and request IDs: one shape for every error the gateway makes."""
 
 import json
-import re
 import random
+import re
+
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}\Z")
 
@@ -20,6 +23,10 @@ class GatewayError(Exception):
 # Version 4 and RFC 4122 variant bits of a UUID, as an int mask.
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+# Statuses twisted.web has no phrase for ("429 Unknown Status" otherwise).
+_PHRASES = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
 
 
 def new_request_id(getrandbits=random.getrandbits):
@@ -50,7 +57,7 @@ def error_response(request, status, message, headers=(), request_id=None):
     body = error_body(message, request_id)
     if getattr(request, "_disconnected", False) or request.finished:
         return body
-    request.setResponseCode(status)
+    request.setResponseCode(status, _PHRASES.get(status))
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"x-request-id", [request_id.encode("ascii")])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
@@ -59,3 +66,17 @@ def error_response(request, status, message, headers=(), request_id=None):
     request.write(body)
     request.finish()
     return body
+
+
+class GetOnly(Resource):
+    """GET-only leaf whose other methods get the gateway's JSON 405, not
+    twisted.web's HTML page."""
+
+    isLeaf = True
+
+    def render(self, request):
+        if request.method in (b"GET", b"HEAD"):
+            return super().render(request)
+        error_response(request, 405, "only GET is allowed here",
+                       headers=[(b"allow", b"GET, HEAD")])
+        return NOT_DONE_YET

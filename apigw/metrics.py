@@ -14,7 +14,8 @@ soon as one of them has tripped).
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
-from twisted.web.resource import Resource
+
+from apigw.errors import GetOnly
 
 # A gateway adds milliseconds; upstreams may take tens of seconds.
 LATENCY_BUCKETS_S = (
@@ -104,8 +105,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class MetricsResource(Resource):
-    isLeaf = True
+class MetricsResource(GetOnly):
 
     def __init__(self, metrics):
         super().__init__()

@@ -16,7 +16,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from apigw.channel import ConnectionLimit, GatewayChannel
-from apigw.errors import GatewayError, error_response, request_id_for
+from apigw.errors import GatewayError, GetOnly, error_response, request_id_for
 from apigw.logs import redact
 
 log = Logger()
@@ -192,15 +192,13 @@ def json_response(request, status, payload):
     return body
 
 
-class Healthz(Resource):
-    isLeaf = True
+class Healthz(GetOnly):
 
     def render_GET(self, request):
         return json_response(request, 200, {"status": "ok"})
 
 
-class Readyz(Resource):
-    isLeaf = True
+class Readyz(GetOnly):
 
     def __init__(self, gateway):
         super().__init__()
@@ -208,9 +206,14 @@ class Readyz(Resource):
 
     def render_GET(self, request):
         d = Deferred.fromCoroutine(self._gateway.readiness())
+        d.addErrback(self._check_failed)
         d.addCallback(self._answer, request)
-        d.addErrback(lambda f: log.failure("readiness check", f))
         return server.NOT_DONE_YET
+
+    def _check_failed(self, failure):
+        # A check that blew up is a part that is not ready, not a hung probe.
+        log.failure("readiness check", failure)
+        return ["readiness check failed"]
 
     def _answer(self, down, request):
         if request._disconnected:

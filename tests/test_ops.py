@@ -327,3 +327,34 @@ async def test_debug_setting_adds_one_debug_line_per_attempt(tmp_path, upstreams
         assert lines[0]["request_id"] == "dbg-1" and lines[0]["uri"].endswith("/x?q=1")
     else:
         assert lines == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_fixed_paths_refuse_other_methods_in_json(upstreams):
+    """When /healthz, /readyz or /metrics get a POST, the answer is a JSON 405 with Allow."""
+    first, _ = upstreams
+    service, base = await start_gateway(_yaml({"svc": first.url}))
+    try:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            reply = await http("POST", base + path, body=b"x")
+            assert reply.code == 405, path
+            assert reply.header(b"content-type") == "application/json"
+            assert reply.json()["request_id"] and reply.header(b"allow") == "GET, HEAD"
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_429_status_line_has_its_phrase(upstreams):
+    """When a request is rate limited, the status line reads 429 Too Many Requests."""
+    first, _ = upstreams
+    service, base = await start_gateway(
+        f"services:\n  none:\n    url: \"{first.url}\"\n    auth: false\n    rate_limit: 0\n"
+    )
+    try:
+        port = int(base.rsplit(":", 1)[1])
+        data = await raw_exchange(port, b"GET /none/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+        assert first.requests == []
+    finally:
+        await service.stopService()
