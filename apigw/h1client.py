@@ -28,7 +28,13 @@ a cut one with ResponseFailed; connect failures pass through unchanged.
 import re
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -85,7 +91,16 @@ class UpstreamPool:
         self._sweep_call = None
 
     def _default_endpoint(self, scheme, host, port):
-        endpoint = HostnameEndpoint(self._reactor, host, port)
+        # An IP literal needs no resolution and no Happy Eyeballs: with
+        # HostnameEndpoint a refused connect was only reported after its
+        # 0.3 s attempt delay, on every attempt to a dead target.
+        text = host.decode("ascii")
+        if isIPAddress(text):
+            endpoint = TCP4ClientEndpoint(self._reactor, text, port)
+        elif isIPv6Address(text):
+            endpoint = TCP6ClientEndpoint(self._reactor, text, port)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, port)
         if scheme == b"https":
             if self._tls_policy is None:
                 self._tls_policy = BrowserLikePolicyForHTTPS()

@@ -310,7 +310,8 @@ class Forwarder:
             ) from None
         except (error.ConnectError, error.ConnectionLost, ResponseFailed,
                 error.DNSLookupError, ResponseNeverReceived, RequestTransmissionFailed) as e:
-            log.info("upstream {target} failed: {why}", target=target.url, why=_why(e))
+            if not request._disconnected:  # else the client left, not the upstream
+                log.info("upstream {target} failed: {why}", target=target.url, why=_why(e))
             raise GatewayError(502, f"upstream {service.name} is unreachable or failed") from None
         finally:
             elapsed = self._clock.seconds() - started

@@ -377,3 +377,18 @@ def _sleep(seconds):
     from twisted.internet.task import deferLater
 
     return deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_ip_target_fails_fast():
+    """When nothing listens on an IP-literal upstream, the 502 comes without a Happy Eyeballs delay."""
+    service, base = await start_gateway(
+        f"services:\n  down:\n    url: {refused_url()}\n    auth: false\n    retries: 0\n"
+    )
+    try:
+        started = reactor.seconds()
+        reply = await http("GET", base + "/down/x")
+        assert reply.code == 502
+        assert reactor.seconds() - started < 0.2
+    finally:
+        await service.stopService()
