@@ -385,9 +385,9 @@ def pg_bin():
 
 class PrivatePostgres:
     """initdb into a directory of ours and pg_ctl on a free loopback port, run
-    as the postgres user when we are root (the approach of
-    tests/test_keys_outage.py). pg_ctl daemonizes the server: we stop it with
-    pg_ctl on our own data directory, never by name."""
+    as the postgres user when we are root (the soak and
+    tests/test_keys_outage.py both use it). pg_ctl daemonizes the server: we
+    stop it with pg_ctl on our own data directory, never by name."""
 
     def __init__(self, workdir):
         self.bin = pg_bin()

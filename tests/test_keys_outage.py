@@ -1,10 +1,7 @@
 """PostgreSQL outages against a private server this test starts, stops and
 restarts itself (never the shared one)."""
 
-import glob
-import os
 import shutil
-import socket
 import subprocess
 import tempfile
 
@@ -14,81 +11,29 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from apigw.keys import AuthFailure, Authenticator, KeyStore, KeyStoreUnavailable
+from bench.procs import BenchError, PrivatePostgres, pg_bin
 from keys_support import real_sleep
 
 pytestmark = pytest.mark.slow
 
 
-def _pg_bin():
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if found:
-        return os.path.dirname(found[-1])
-    initdb = shutil.which("initdb")
-    return os.path.dirname(initdb) if initdb else None
-
-
-class PrivatePostgres:
-    """initdb into a temp dir and pg_ctl on a free loopback port."""
-
-    def __init__(self):
-        self.bin = _pg_bin()
-        self.base = tempfile.mkdtemp(prefix="apigw-pg-")
-        self.data = os.path.join(self.base, "data")
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
-        # PostgreSQL refuses to run as root; run it as the postgres user then.
-        self.prefix = []
-        if os.geteuid() == 0:
-            shutil.chown(self.base, user="postgres")
-            self.prefix = ["runuser", "-u", "postgres", "--"]
-
-    def _run(self, *args):
-        subprocess.run(self.prefix + list(args), check=True, timeout=60,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def init(self):
-        self._run(os.path.join(self.bin, "initdb"), "-D", self.data, "-A", "trust",
-                  "-U", "postgres", "-E", "UTF8", "--no-sync")
-
-    def start(self):
-        options = f"-p {self.port} -k {self.base} -h 127.0.0.1 -F"
-        self._run(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-o", options,
-                  "-l", os.path.join(self.base, "log"), "-w", "-t", "30", "start")
-
-    def stop(self):
-        self._run(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-m", "fast", "-w",
-                  "-t", "30", "stop")
-
-    def running(self):
-        return os.path.exists(os.path.join(self.data, "postmaster.pid"))
-
-    @property
-    def url(self):
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def cleanup(self):
-        if self.running():
-            self.stop()
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
 @pytest.fixture
 def private_pg():
-    if _pg_bin() is None:
+    if pg_bin() is None:
         pytest.skip("no PostgreSQL server binaries (initdb) on this machine")
-    pg = PrivatePostgres()
+    workdir = tempfile.mkdtemp(prefix="apigw-pg-")
     try:
+        pg = PrivatePostgres(workdir)
         pg.init()
         pg.start()
-    except (subprocess.SubprocessError, OSError, LookupError) as e:
-        pg.cleanup()
+    except (BenchError, subprocess.SubprocessError, OSError, LookupError) as e:
+        shutil.rmtree(workdir, ignore_errors=True)
         pytest.skip(f"cannot start a private PostgreSQL here: {e}")
     try:
         yield pg
     finally:
         pg.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def failure_of(d):
