@@ -12,6 +12,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from apigw.upstream import BytesProducer
 from tests.upstreams import GZIPPED
 
 BIG = bytes(range(256)) * (20 * 1024 * 1024 // 256)
@@ -64,29 +65,20 @@ class Collect(protocol.Protocol):
         return self.reason is not None and self.reason.check(ResponseDone, PotentialDataLoss)
 
 
-@implementer(IBodyProducer)
-class Bytes:
-    """A body written in one go; `restartable` lets the client resend it."""
+class Bytes(BytesProducer):
+    """The gateway's one-write body, counting its starts; `restartable` and
+    `known_length` can be turned off to test the client's other paths."""
 
     def __init__(self, data, restartable=True, known_length=True):
-        self.data = data
-        self.length = len(data) if known_length else UNKNOWN_LENGTH
+        super().__init__(data)
+        if not known_length:
+            self.length = UNKNOWN_LENGTH
         self.restartable = restartable
         self.starts = 0
 
     def startProducing(self, consumer):
         self.starts += 1
-        consumer.write(self.data)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
+        return super().startProducing(consumer)
 
 
 @implementer(IBodyProducer)
