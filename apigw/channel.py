@@ -22,10 +22,20 @@ class GatewayChannel(http.HTTPChannel):
     _in_request = False
     _answered_early = False
 
+    _host = None
+
     def connectionMade(self):
         super().connectionMade()
         self.factory.connection_opened(self)
         self._start_head_deadline()
+
+    def getHost(self):
+        # Every request asks (twisted.web's Request.__init__); the local
+        # address of a connection never changes, and asking costs a
+        # getsockname(2) each time.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def dataReceived(self, data):
         # First bytes of the next request on a kept-alive connection: the

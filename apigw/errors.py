@@ -55,7 +55,7 @@ def error_response(request, status, message, headers=(), request_id=None):
     if request_id is None:
         request_id = getattr(request, "request_id", None) or request_id_for(request)
     body = error_body(message, request_id)
-    if getattr(request, "_disconnected", False) or request.finished:
+    if getattr(request, "client_gone", False) or request.finished:
         return body
     request.setResponseCode(status, _PHRASES.get(status))
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])

@@ -443,9 +443,14 @@ class Authenticator:
 
     def authenticate(self, raw_key, service=None):
         """Deferred[KeyRecord]; fails with AuthFailure or KeyStoreUnavailable."""
-        return Deferred.fromCoroutine(self._authenticate(raw_key, service))
+        return Deferred.fromCoroutine(self.check(raw_key, service))
 
-    async def _authenticate(self, raw_key, service):
+    async def check(self, raw_key, service=None):
+        """The KeyRecord for `raw_key`, or AuthFailure / KeyStoreUnavailable.
+
+        A cached key is answered without suspending: the request path awaits
+        this coroutine directly, with no Deferred of its own.
+        """
         if not raw_key:
             raise AuthFailure("missing")
         if isinstance(raw_key, bytes):

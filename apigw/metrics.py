@@ -1,4 +1,4 @@
-"""The metrics contract (SPEC section 5) on a registry passed around, not global.
+"""The metrics users scrape, on a registry passed around, not global.
 
 One process (the default) keeps its metrics in a plain CollectorRegistry.
 With `--workers N` every worker writes its samples to files in a directory

@@ -378,15 +378,17 @@ class RateLimiting:
     def ping(self):
         return self.limiter.ping()
 
-    async def check(self, request, service, consumer, settings):
-        """Adds the headers to `request`, or raises GatewayError 429 (or 503)."""
+    async def check(self, service, consumer, client_ip, settings):
+        """The rate-limit headers for the answer (empty when unlimited), or
+        GatewayError 429 (or 503 when the store is down and the policy is
+        closed)."""
         limit = service.rate_limit
         if consumer is not None and consumer.rate_limit is not None:
             limit = consumer.rate_limit
         if limit is None:
-            return None
+            return ()
         bucket = bucket_for(
-            service.name, consumer.id if consumer is not None else None, request.client_ip
+            service.name, consumer.id if consumer is not None else None, client_ip
         )
         period_s = settings.rate_period_s
         try:
@@ -398,7 +400,7 @@ class RateLimiting:
             self._failed(e, "refused with 503" if closed else "let through without a limit")
             if closed:
                 raise GatewayError(503, "the rate limiter is unavailable; try again later")
-            return None
+            return ()
         self._recovered()
         headers = rate_limit_headers(decision, period_s)
         if not decision.allowed:
@@ -406,8 +408,7 @@ class RateLimiting:
             raise GatewayError(
                 429, f"rate limit exceeded: {limit} requests per {period_s:g} s", headers=headers
             )
-        request.extra_response_headers.extend(headers)
-        return decision
+        return headers
 
     def _failed(self, why, outcome):
         # One line per interval, not per request: an outage at 1000 req/s

@@ -32,7 +32,7 @@ class SighupHandler:
 
 def exit_zero_after_sigterm(reactor):
     """twistd re-raises the signal that stopped it, so a clean drain after
-    SIGTERM would exit 143; SPEC section 8 promises exit 0.
+    SIGTERM would exit 143, and operators are promised exit 0.
 
     Cleared at the very end of shutdown: a second SIGTERM during the drain
     (systemd's control-group kill, an impatient operator) sets it again.

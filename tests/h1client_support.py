@@ -12,7 +12,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from apigw.upstream import BytesProducer
+from apigw.body import BytesProducer
 from tests.upstreams import GZIPPED
 
 BIG = bytes(range(256)) * (20 * 1024 * 1024 // 256)

@@ -18,7 +18,7 @@ import treq
 
 from apigw.config import Environment, parse_config
 from apigw.service import GatewayService
-from apigw.upstream import BytesProducer
+from apigw.body import BytesProducer
 # For what twistd subprocesses print: the in-process log guard cannot see it.
 from tests.secrets_guard import assert_no_secrets, register_secret  # noqa: F401
 

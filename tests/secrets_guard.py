@@ -89,12 +89,12 @@ GUARD = LogGuard()
 _original_write = AccessLog._write
 
 
-def _guarded_write(self, event):
-    # With --access-log PATH (or -) the records go to a private observer,
-    # AccessLog._write, that the global publisher never sees: check each
-    # event as it is written.
-    GUARD(dict(event, log_namespace=f"{event.get('log_namespace')} (access log file)"))
-    return _original_write(self, event)
+def _guarded_write(self, access):
+    # With --access-log PATH (or -) the records go to a file through
+    # AccessLog._write, which the global publisher never sees: check each
+    # record as it is written.
+    GUARD({"access": access, "log_namespace": "apigw.access (access log file)"})
+    return _original_write(self, access)
 
 
 def pytest_configure(config):

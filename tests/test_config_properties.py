@@ -374,7 +374,7 @@ def reloadable(tmp_path_factory):
 def test_reload_is_all_or_nothing(reloadable, text):
     """When the file is replaced by anything and reloaded, either the whole new config is live or the old config object is kept untouched."""
     service, path = reloadable
-    before = (service.config, service.service_resources, service.body_limit)
+    before = (service.config, service.root.routes, service.site.body_limit)
     errors_before = service.metrics.registry.get_sample_value(
         "gateway_config_reloads_total", {"result": "error"}) or 0
     if isinstance(text, bytes):
@@ -385,15 +385,15 @@ def test_reload_is_all_or_nothing(reloadable, text):
         names = service.reload()
     except ConfigError as e:
         check_error(e, str(path))
-        assert (service.config, service.service_resources, service.body_limit) == before
-        assert service.config is before[0] and service.service_resources is before[1]
+        assert (service.config, service.root.routes, service.site.body_limit) == before
+        assert service.config is before[0] and service.root.routes is before[1]
         errors = service.metrics.registry.get_sample_value(
             "gateway_config_reloads_total", {"result": "error"})
         assert errors == errors_before + 1
         return
     assert names == sorted(service.config.services)
     assert service.config is not before[0] and service.config.env is before[0].env
-    assert sorted(k.decode() for k in service.service_resources) == names
+    assert sorted(k.decode() for k in service.root.routes) == names
     for name, service_config in service.config.services.items():
         check_service(name, service_config)
-        assert service.service_resources[name.encode()].service == service_config
+        assert service.root.routes[name.encode()].service == service_config

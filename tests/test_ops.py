@@ -321,7 +321,7 @@ async def test_debug_setting_adds_one_debug_line_per_attempt(tmp_path, upstreams
         await service.stopService()
         globalLogPublisher.removeObserver(events.append)
     lines = [e for e in events if e.get("log_level") == LogLevel.debug
-             and e.get("log_namespace") == "apigw.upstream"]
+             and e.get("log_namespace") == "apigw.forward"]
     if debug:
         assert len(lines) == 1
         assert lines[0]["request_id"] == "dbg-1" and lines[0]["uri"].endswith("/x?q=1")

@@ -371,13 +371,6 @@ async def test_redis_down_at_start_does_not_block_and_connects_later(
     assert (await limiter.check("d", 5, 60)).allowed
 
 
-class FakeRequest:
-    client_ip = "10.1.2.3"
-
-    def __init__(self):
-        self.extra_response_headers = []
-
-
 def test_limiter_outage_is_logged_once_per_interval_and_counted():
     """When the shared limiter is down, every request counts but the log gets one line per interval."""
     clock = Clock()
@@ -391,12 +384,12 @@ def test_limiter_outage_is_logged_once_per_interval_and_counted():
     try:
         for _ in range(3):
             assert result_of(defer.ensureDeferred(
-                gate.check(FakeRequest(), service, None, Settings())
-            )) is None
+                gate.check(service, None, "10.1.2.3", Settings())
+            )) == ()
         clock.advance(gate.failure_report_interval_s)
         closed = Settings(rate_limit_failure="closed")
         with pytest.raises(GatewayError) as refused:
-            result_of(defer.ensureDeferred(gate.check(FakeRequest(), service, None, closed)))
+            result_of(defer.ensureDeferred(gate.check(service, None, "10.1.2.3", closed)))
         assert refused.value.status == 503
     finally:
         globalLogPublisher.removeObserver(events.append)

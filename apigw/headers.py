@@ -1,0 +1,96 @@
+"""Which headers cross the gateway, in each direction, and which it adds.
+
+Both directions work on lists of (name, value) byte pairs: the upstream
+client writes the request's pairs as they are, and the relay copies the
+upstream's pairs onto the client's response, so no header is parsed into
+a mapping and out again on the way through.
+"""
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"proxy-connection", b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
+})
+
+# Never forwarded upstream: set by us (request id, Host, forwarding and
+# consumer headers a client could otherwise forge), computed by the client
+# library (Content-Length), or secret (the API key, and the master key that
+# a careless admin script may send along to every path).
+_NOT_FORWARDED = HOP_BY_HOP | {
+    b"host", b"content-length", b"x-api-key", b"x-master-key", b"x-request-id", b"expect",
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix",
+    b"x-consumer-id", b"x-consumer-username",
+}
+
+# Ours to set on the way back: the request id, and framing the client's
+# connection does its own way.
+_NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
+
+
+def connection_tokens(values):
+    """Header names listed in Connection values: hop-by-hop for this message only."""
+    tokens = set()
+    for value in values or ():
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def upstream_header_pairs(request_headers, client_ip, secure, request_id, service_name,
+                          consumer=None):
+    """The pairs sent upstream for a client's request, Host excepted (it
+    depends on the target of each attempt)."""
+    listed = connection_tokens(request_headers.getRawHeaders(b"connection"))
+    pairs = []
+    forwarded_for = []
+    forwarded_host = None
+    for name, values in request_headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in _NOT_FORWARDED or lower in listed or lower.startswith(b"proxy-"):
+            if lower == b"x-forwarded-for":
+                forwarded_for.extend(values)
+            elif lower == b"host" and forwarded_host is None:
+                forwarded_host = values[0]
+            continue
+        for value in values:
+            pairs.append((name, value))
+    forwarded_for.append(client_ip.encode("ascii", "replace"))
+    pairs.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
+    pairs.append((b"X-Forwarded-Proto", b"https" if secure else b"http"))
+    if forwarded_host is not None:
+        pairs.append((b"X-Forwarded-Host", forwarded_host))
+    pairs.append((b"X-Forwarded-Prefix", b"/" + service_name.encode("ascii")))
+    pairs.append((b"X-Request-ID", request_id.encode("ascii")))
+    if consumer is not None:
+        pairs.append((b"X-Consumer-ID", consumer.id.encode("utf-8")))
+        pairs.append((b"X-Consumer-Username", consumer.owner.encode("utf-8")))
+    return pairs
+
+
+def response_header_pairs(raw_headers, status):
+    """The upstream's response pairs that reach the client, in their order.
+
+    Returns (pairs, names): `names` holds the lower-cased names kept, so the
+    caller can tell what the upstream already set.
+    """
+    listed = None
+    for name, value in raw_headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            if listed is None:
+                listed = set()
+            listed |= connection_tokens((value,))
+    if status == 204:
+        # RFC 9110 8.6: never a Content-Length on a 204, whatever upstream says.
+        listed = (listed or set()) | {b"content-length"}
+    pairs = []
+    names = set()
+    for name, value in raw_headers:
+        lower = name.lower()
+        if lower in _NOT_RETURNED or lower.startswith(b"proxy-"):
+            continue
+        if listed is not None and lower in listed:
+            continue
+        pairs.append((name, value))
+        names.add(lower)
+    return pairs, names

@@ -1,0 +1,166 @@
+"""The request's journey, one stage after another:
+
+    route -> size -> auth -> limit -> breaker -> forward -> relay -> account
+
+twisted.web parses the request and its resource tree routes it; every
+counted request then comes through `Pipeline.process`. A request for a
+service runs `_journey`, whose stages take values and return values or
+raise a GatewayError (the refusal the client is answered with); any other
+resource (the admin API, a 404) renders as twisted.web would. Either way
+the request ends in one Outcome that `Accounting` records.
+"""
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+
+from apigw.errors import GatewayError, error_response
+from apigw.keys import AuthFailure, KeyStoreUnavailable
+from apigw.logs import redact
+from apigw.paths import forwarded_path
+from apigw.relay import CUT_SHORT, relay
+
+log = Logger()
+
+# Not counted in request metrics nor logged per request: probes and scrapes.
+UNCOUNTED = frozenset({b"/metrics", b"/healthz", b"/readyz"})
+
+# A gateway is not a forward proxy (CONNECT), and TRACE would echo
+# credentials back to scripts (cross-site tracing).
+REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
+
+# RFC 9110 wants a challenge on every 401.
+CHALLENGE = b'APIKey realm="apigw", header="X-API-Key"'
+
+# Statuses for requests that ended without an answer of their own.
+CLIENT_CLOSED = 499
+UPSTREAM_CUT_SHORT = 502
+
+
+class Pipeline:
+    """Runs each request through its stages with the collaborators given."""
+
+    def __init__(self, authenticator, rate_limiting, forwarder, accounting, metrics, clock):
+        self._authenticator = authenticator
+        self._rate_limiting = rate_limiting
+        self._forwarder = forwarder
+        self._accounting = accounting
+        self._metrics = metrics
+        self._clock = clock
+
+    def process(self, request):
+        """Entry point for a parsed request (GatewayRequest.process)."""
+        if request.path in UNCOUNTED:
+            self._render(request, request.site.getResourceFor(request))
+            return
+        outcome = self._accounting.opened(request)
+        refusal = _refusal(request)
+        if refusal is not None:
+            request.notifyFinish().addBoth(self._rendered, request, outcome)
+            request.add_own_headers()
+            error_response(request, *refusal)
+            return
+        # route: the tree decides; a ServiceRoute carries the service.
+        resource = request.site.getResourceFor(request)
+        service = getattr(resource, "service", None)
+        if service is None:
+            outcome.service = getattr(resource, "account_label", "unknown")
+            request.notifyFinish().addBoth(self._rendered, request, outcome)
+            self._render(request, resource)
+            return
+        outcome.service = service.name
+        d = Deferred.fromCoroutine(self._journey(request, resource, outcome))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addBoth(self._journey_ended, request, outcome)
+
+    async def _journey(self, request, route, outcome):
+        service = route.service
+        settings = route.settings
+        upstream_path = forwarded_path(request.uri, service)
+        # size
+        if request.body_too_large or request.body_length > service.max_body_bytes:
+            raise GatewayError(413, f"request body is larger than {service.max_body_bytes} bytes")
+        # auth
+        consumer = None
+        if service.auth:
+            consumer = await self._authenticate(request, service)
+            outcome.consumer = consumer
+        # limit
+        limit_headers = await self._rate_limiting.check(
+            service, consumer, request.client_ip, settings)
+        outcome.extra_headers = limit_headers  # answers from here on carry them
+        # breaker, forward
+        forwarded = await self._forwarder.forward(
+            request, service, upstream_path, consumer, outcome)
+        # relay
+        ended = await relay(request, forwarded.response, limit_headers,
+                            request.site.date.now(), service.timeout_s, self._clock)
+        if ended == CUT_SHORT:
+            # A connection failure of this target, too late to retry but not
+            # too late to count.
+            forwarded.breaker.record_failure()
+            outcome.error = "upstream body cut short"
+        return ended
+
+    async def _authenticate(self, request, service):
+        given = request.requestHeaders.getRawHeaders(b"x-api-key")
+        try:
+            return await self._authenticator.check(given[0] if given else None, service.name)
+        except AuthFailure as e:
+            self._metrics.auth_failures.labels(e.reason).inc()
+            if e.reason == "forbidden":
+                raise GatewayError(
+                    403, f"the API key is not allowed to use {service.name}") from None
+            raise GatewayError(
+                401, e.message, headers=[(b"www-authenticate", CHALLENGE)]) from None
+        except KeyStoreUnavailable:
+            # An outage is never the client's fault: 503, not 401.
+            self._metrics.auth_failures.labels("unavailable").inc()
+            raise GatewayError(
+                503, "the key store is unavailable; try again shortly") from None
+
+    def _journey_ended(self, result, request, outcome):
+        status = None
+        if isinstance(result, str):
+            status = UPSTREAM_CUT_SHORT if result == CUT_SHORT else None
+        elif result.check(CancelledError) and request.client_gone:
+            pass
+        elif result.check(GatewayError):
+            e = result.value
+            request.add_own_headers()
+            error_response(request, e.status, e.message,
+                           headers=list(outcome.extra_headers) + list(e.headers))
+        else:
+            log.failure("proxying {uri}", result, uri=redact(request.uri.decode("latin-1")))
+            request.add_own_headers()
+            error_response(request, 500, "internal gateway error")
+        self._close(request, outcome, status)
+
+    def _render(self, request, resource):
+        request.add_own_headers()
+        try:
+            request.render(resource)
+        except Exception:
+            log.failure("rendering {uri}", uri=redact(request.uri.decode("latin-1")))
+            if not request.startedWriting:
+                error_response(request, 500, "internal gateway error")
+
+    def _rendered(self, result, request, outcome):
+        self._close(request, outcome)
+
+    def _close(self, request, outcome, status=None):
+        if status is None:
+            status = request.code if request.finished else CLIENT_CLOSED
+        outcome.status = status
+        outcome.bytes_sent = request.bytes_sent
+        self._accounting.closed(outcome)
+
+
+def _refusal(request):
+    """(status, sentence) for a request no resource may see, else None."""
+    if request.method in REFUSED_METHODS:
+        return 405, f"method {request.method.decode('ascii', 'replace')} is not allowed"
+    if not request.uri.startswith(b"/"):
+        # Absolute-form targets ask for forward proxying; refuse rather
+        # than guess which host was meant.
+        return 400, "the request target must be a path starting with /"
+    return None

@@ -1,0 +1,265 @@
+"""The twisted.web side: a lean request, the site and the fixed resources.
+
+twisted.web parses the request and its resource tree routes it; from
+there the request is handed to the pipeline (apigw.pipeline), which owns
+everything the gateway decides about it. The request itself only measures
+what happens on its own connection (body size, bytes sent, whether the
+client is still there) and names itself (its request id).
+"""
+
+import json
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from apigw.channel import ConnectionLimit, GatewayChannel
+from apigw.errors import GetOnly, error_response, request_id_for
+
+log = Logger()
+
+# Answers the gateway makes itself carry this instead of twisted.web's
+# name and version: nothing tells a scanner which release runs here.
+SERVER = b"apigw"
+
+
+class HttpDate:
+    """The Date header value, formatted once per second instead of once
+    per request."""
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._second = None
+        self._value = b""
+
+    def now(self):
+        second = int(self._clock.seconds())
+        if second != self._second:
+            self._second = second
+            self._value = http.datetimeToString(second)
+        return self._value
+
+
+class GatewayRequest(server.Request):
+    """A request that measures itself and hands itself to the pipeline.
+
+    Unlike server.Request it neither formats a Date header nor names
+    twisted.web on every request, and its process() does not render: the
+    site's pipeline decides what happens once the tree has routed it.
+    """
+
+    body_length = 0
+    body_too_large = False
+    bytes_sent = 0
+    client_gone = False
+    request_id = None
+
+    def gotLength(self, length):
+        if length is not None and length > self.channel.site.body_limit:
+            # Hopeless already: answer 413 now instead of reading it all.
+            self.body_too_large = True
+            super().gotLength(0)
+            self.channel.answer_early(self)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self.body_too_large:
+            return
+        self.body_length += len(data)
+        if self.body_length > self.channel.site.body_limit:
+            # A chunked body that outgrew every limit: same as above.
+            self.body_too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            self.channel.answer_early(self)
+            return
+        super().handleContentChunk(data)
+
+    @property
+    def client_ip(self):
+        host = getattr(self.client, "host", None)
+        return host if host is not None else "unix"
+
+    def process(self):
+        site = self.channel.site
+        self.site = site
+        self.request_id = request_id_for(self)
+        # What server.Request.process prepares for the resource tree.
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        site.pipeline.process(self)
+
+    def add_own_headers(self):
+        """Server and Date, for answers the gateway makes itself (a proxied
+        answer keeps the upstream's)."""
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"server", [SERVER])
+        headers.setRawHeaders(b"date", [self.channel.site.date.now()])
+
+    def write(self, data):
+        if not self.startedWriting and self.channel.site.draining:
+            # Draining: this connection closes after this response, so the
+            # client sends its next request to a process that will answer it.
+            self.channel.persistent = False
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.bytes_sent += len(data)
+        super().write(data)
+
+    def connectionLost(self, reason):
+        self.client_gone = True
+        super().connectionLost(reason)
+
+
+class GatewaySite(server.Site):
+    requestFactory = GatewayRequest
+    protocol = GatewayChannel
+    noisy = False
+    header_timeout_s = 10.0
+    # Idle keep-alive connections are closed after this long (twisted.web's
+    # default is 12 hours).
+    idle_timeout_s = 60.0
+    max_connections = 10000
+
+    def __init__(self, resource, pipeline, clock, body_limit, **kwargs):
+        kwargs.setdefault("timeout", self.idle_timeout_s)
+        # A gateway never needs a form body decoded: twisted.web would parse
+        # one in the reactor thread before routing and auth.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(resource, **kwargs)
+        self.pipeline = pipeline
+        self.body_limit = body_limit
+        self.draining = False
+        self.date = HttpDate(clock)
+        self.connections = ConnectionLimit(self.max_connections, clock)
+        self._channels = set()
+        self._all_closed = []
+
+    def buildProtocol(self, addr):
+        if not self.connections.admit(addr):
+            return None  # closes the connection at once
+        return super().buildProtocol(addr)
+
+    def connection_opened(self, channel):
+        self.connections.open += 1
+        self._channels.add(channel)
+
+    def connection_closed(self, channel):
+        self.connections.open -= 1
+        self._channels.discard(channel)
+        if not self._channels and self._all_closed:
+            waiters, self._all_closed = self._all_closed, []
+            for d in waiters:
+                d.callback(None)
+
+    def close_connections(self):
+        """Close every client connection once its pending bytes are sent;
+        fires when all are gone.
+
+        After a drain the last response may still sit in a transport's
+        buffer: stopping the reactor now would drop it, loseConnection
+        writes it out first.
+        """
+        if not self._channels:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._all_closed.append(d)
+        for channel in list(self._channels):
+            channel.transport.loseConnection()
+        return d
+
+    def log(self, request):
+        # The access log is ours (apigw.accounting), one record per request.
+        pass
+
+
+def json_response(request, status, payload):
+    body = json.dumps(payload).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+class Healthz(GetOnly):
+
+    def render_GET(self, request):
+        return json_response(request, 200, {"status": "ok"})
+
+
+class Readyz(GetOnly):
+    """200 while every part answers; 503 naming the parts that do not.
+
+    `readiness` is an async callable returning the names of the parts
+    that are down (empty when ready).
+    """
+
+    def __init__(self, readiness):
+        super().__init__()
+        self._readiness = readiness
+
+    def render_GET(self, request):
+        d = Deferred.fromCoroutine(self._readiness())
+        d.addErrback(self._check_failed)
+        d.addCallback(self._answer, request)
+        return server.NOT_DONE_YET
+
+    def _check_failed(self, failure):
+        # A check that blew up is a part that is not ready, not a hung probe.
+        log.failure("readiness check", failure)
+        return ["readiness check failed"]
+
+    def _answer(self, down, request):
+        if request.client_gone:
+            return
+        if down:
+            body = json_response(request, 503, {"status": "unavailable", "down": down})
+        else:
+            body = json_response(request, 200, {"status": "ready"})
+        request.write(body)
+        request.finish()
+
+
+class NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        error_response(request, 404, "no service is configured at this path")
+        return server.NOT_DONE_YET
+
+
+class ServiceRoute(Resource):
+    """Where the tree sends a request for a configured service.
+
+    It renders nothing itself: the pipeline recognises it by its `service`
+    and runs the request's journey with it. `settings` are those of the
+    same config, so a request routed before a reload finishes on the
+    config it started with.
+    """
+
+    isLeaf = True
+
+    def __init__(self, service, settings):
+        super().__init__()
+        self.service = service
+        self.settings = settings
+        self.account_label = service.name
+
+
+class GatewayRoot(Resource):
+    """Fixed children (healthz, metrics, admin...) first, then services."""
+
+    def __init__(self):
+        super().__init__()
+        self.routes = {}
+        self._not_found = NotFound()
+
+    def getChild(self, name, request):
+        route = self.routes.get(name)
+        return route if route is not None else self._not_found
+
+    def render(self, request):
+        return self._not_found.render(request)
