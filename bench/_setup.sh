@@ -29,8 +29,18 @@ need_packages() {
 }
 
 # The project's .venv, made by the Makefile's own target when it is missing
-# or cannot run twistd apigw.
+# or cannot run twistd apigw. APIGW_VENV=DIR uses that virtualenv instead
+# (e.g. another checkout's, from a git worktree): the bench puts this
+# checkout first on the gateways' PYTHONPATH, so its own apigw still runs.
 ensure_venv() {
+  if [ -n "${APIGW_VENV:-}" ]; then
+    VENV_PY=$APIGW_VENV/bin/python
+    if [ -x "$VENV_PY" ] && [ -x "$APIGW_VENV/bin/twistd" ]; then
+      return 0
+    fi
+    echo "bench: APIGW_VENV=$APIGW_VENV has no bin/python and bin/twistd" >&2
+    exit 2
+  fi
   VENV_PY=$root/.venv/bin/python
   if [ -x "$VENV_PY" ] && [ -x "$root/.venv/bin/twistd" ] \
      && "$VENV_PY" -c 'import apigw.tap' >/dev/null 2>&1; then

@@ -1,8 +1,11 @@
-"""The benchmark: apigw with its full request path against an nginx reverse
-proxy, both in front of the same fast nginx upstream, measured with wrk.
+"""The benchmark: apigw (its full request path, and proxying alone) against
+an nginx reverse proxy, aiohttp and Twisted reverse proxies and the Flask
+prototype apigw replaced, all in front of the same fast nginx upstream,
+measured with wrk.
 
 Run it through bench/run (see bench/README.md): that wrapper installs wrk and
-nginx when missing and uses the project's .venv.
+nginx when missing and uses the project's .venv; the peers' own virtualenv
+(bench/.venv-peers) is made here when missing.
 """
 
 import argparse
@@ -17,6 +20,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peerprocs  # noqa: E402
 import procs  # noqa: E402  (a sibling module; bench/ is not a package)
 from procs import BenchError  # noqa: E402
 
@@ -35,6 +39,32 @@ settings:
   rate_period: 60
 """
 
+NOAUTH_YAML = """\
+services:
+  {service}:
+    url: "http://127.0.0.1:{upstream_port}"
+    auth: false
+    rate_limit: null
+"""
+
+
+# (--peers name, row name), in the order each round measures them.
+PEERS = [
+    ("upstream", "upstream direct"),
+    ("nginx", "nginx proxy"),
+    ("aiohttp", "aiohttp proxy (asyncio)"),
+    ("aiohttp-uvloop", "aiohttp proxy (uvloop)"),
+    ("twisted", "twisted ReverseProxyResource"),
+    ("apigw", "apigw"),
+    ("apigw-noauth", "apigw auth:false no limit"),
+    ("apigw-w2", "apigw --workers 2"),
+    ("prototype", peerprocs.Prototype.name),
+]
+NAME = dict(PEERS)
+# The rows the ratio columns divide by.
+NGINX = NAME["nginx"]
+AIOHTTP_UVLOOP = NAME["aiohttp-uvloop"]
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
@@ -44,8 +74,20 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, help="rounds over all peers (default 2)")
     p.add_argument("--connections", default="10,50",
                    help="comma-separated wrk connection counts (default 10,50)")
+    p.add_argument("--peers", default=",".join(k for k, _ in PEERS),
+                   help="comma-separated peers to measure, of: "
+                        + ", ".join(k for k, _ in PEERS) + " (default: all)")
     p.add_argument("--no-workers", action="store_true",
                    help="skip the `--workers 2` gateway even when the option exists")
+    p.add_argument("--no-prototype", action="store_true",
+                   help="skip the Flask prototype peer")
+    p.add_argument("--prototype", metavar="DIR", default=peerprocs.DEFAULT_PROTOTYPE,
+                   help="the Flask prototype's folder, copied at run time "
+                        "(default ../shared/seed/prototype from the checkout's root)")
+    p.add_argument("--prototype-postgres", metavar="URL", default=peerprocs.DEFAULT_PG_ADMIN,
+                   help="PostgreSQL server (and a database to connect to) where the "
+                        "prototype's own database is created and dropped "
+                        f"(default {peerprocs.DEFAULT_PG_ADMIN})")
     p.add_argument("--results-dir", default=os.path.join(procs.BENCH, "results"),
                    help="where the raw JSON goes (default bench/results)")
     p.add_argument("--keep", action="store_true",
@@ -58,23 +100,36 @@ def parse_args(argv):
     args.connections = [int(c) for c in args.connections.split(",")]
     if args.duration <= 0 or args.rounds <= 0 or min(args.connections) <= 0:
         p.error("--duration, --rounds and --connections must be positive")
+    chosen = [k.strip() for k in args.peers.split(",") if k.strip()]
+    unknown = [k for k in chosen if k not in NAME]
+    if unknown or not chosen:
+        p.error(f"--peers: unknown {', '.join(unknown) or 'nothing'}; "
+                f"choose from {', '.join(NAME)}")
+    args.skipped = {}
+    if args.no_workers and "apigw-w2" in chosen:
+        args.skipped["apigw-w2"] = "--no-workers"
+    if args.no_prototype and "prototype" in chosen:
+        args.skipped["prototype"] = "--no-prototype"
+    args.peers = [k for k, _ in PEERS if k in chosen and k not in args.skipped]
     return args
 
 
 class Peer:
     """One thing wrk measures; `cpu_proc` is whose CPU counts per request."""
 
-    def __init__(self, name, port, path, cpu_proc=None):
-        self.name = name
+    def __init__(self, key, port, path, cpu_proc=None):
+        self.key = key
+        self.name = NAME[key]
         self.port = port
         self.path = path
         self.url = f"http://127.0.0.1:{port}{path}"
         self.cpu_proc = cpu_proc
+        self.api_key = None
 
 
-def run_wrk(peer, connections, duration_s, api_key):
+def run_wrk(peer, connections, duration_s):
     argv = procs.wrk_argv(peer.url, connections, duration_s, "report.lua",
-                          headers=[f"X-API-Key: {api_key}"])
+                          headers=[f"X-API-Key: {peer.api_key}"])
     pids = peer.cpu_proc.tree() if peer.cpu_proc else []
     cpu_before = procs.cpu_seconds(pids)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30)
@@ -93,7 +148,9 @@ def run_wrk(peer, connections, duration_s, api_key):
 
 
 def summarise(results, peers, connections):
-    """One row per (peer, connections) over all rounds."""
+    """One row per (peer, connections) over all rounds, with its ratios to
+    the nginx proxy and to the aiohttp proxy on uvloop at the same
+    concurrency (None when that peer was not measured)."""
     rows = []
     for c in connections:
         for peer in peers:
@@ -106,36 +163,49 @@ def summarise(results, peers, connections):
             if peer.cpu_proc is not None and requests:
                 cpu = sum(r["cpu_s"] for r in runs) / requests * 1e6
             rows.append({
-                "peer": peer.name, "connections": c, "rounds": len(runs),
+                "peer": peer.name, "key": peer.key, "connections": c, "rounds": len(runs),
                 "rps": requests / seconds if seconds else 0.0,
                 "rps_min": min(r["rps"] for r in runs), "rps_max": max(r["rps"] for r in runs),
                 "p50_ms": sum(r["p50_us"] for r in runs) / len(runs) / 1000,
                 "p99_ms": sum(r["p99_us"] for r in runs) / len(runs) / 1000,
                 "cpu_us_per_request": cpu, "errors": errors,
             })
+
+    def ratio(value, ref_row, field):
+        ref = ref_row[field] if ref_row else None
+        return value / ref if value is not None and ref else None
+
     for row in rows:
-        ref = next(r for r in rows if r["peer"] == "nginx proxy"
-                   and r["connections"] == row["connections"])
-        row["ratio_to_nginx"] = row["rps"] / ref["rps"] if ref["rps"] else None
+        same_c = {r["peer"]: r for r in rows if r["connections"] == row["connections"]}
+        row["ratio_to_nginx"] = ratio(row["rps"], same_c.get(NGINX), "rps")
+        row["ratio_to_aiohttp_uvloop"] = ratio(row["rps"], same_c.get(AIOHTTP_UVLOOP), "rps")
+        row["cpu_ratio_to_nginx"] = ratio(row["cpu_us_per_request"], same_c.get(NGINX),
+                                          "cpu_us_per_request")
     return rows
 
 
+TABLE_HEADER = ["peer", "c", "requests/s", "p50 ms", "p99 ms", "CPU µs/req", "CPU × nginx",
+                "× nginx rps", "× aiohttp+uvloop rps", "errors"]
+
+
 def format_table(rows):
-    header = ["peer", "c", "requests/s", "p50 ms", "p99 ms", "CPU µs/req", "× nginx rps",
-              "errors"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    def num(value, fmt):
+        return "—" if value is None else format(value, fmt)
+
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     for r in rows:
-        cpu = "—" if r["cpu_us_per_request"] is None else f"{r['cpu_us_per_request']:.0f}"
         lines.append("| " + " | ".join([
             r["peer"], str(r["connections"]), f"{r['rps']:,.0f}", f"{r['p50_ms']:.2f}",
-            f"{r['p99_ms']:.2f}", cpu, f"{r['ratio_to_nginx']:.3f}", str(r["errors"]),
+            f"{r['p99_ms']:.2f}", num(r["cpu_us_per_request"], ".0f"),
+            num(r["cpu_ratio_to_nginx"], ".2f"), num(r["ratio_to_nginx"], ".3f"),
+            num(r["ratio_to_aiohttp_uvloop"], ".3f"), str(r["errors"]),
         ]) + " |")
     return "\n".join(lines)
 
 
-def check_peer(peer, api_key):
+def check_peer(peer):
     status, _, body = procs.http_request(peer.port, "GET", peer.path,
-                                         headers={"X-API-Key": api_key})
+                                         headers={"X-API-Key": peer.api_key})
     if status != 200 or b"bench-upstream" not in body:
         raise BenchError(f"{peer.name} answered {status} {body[:200]!r} before the run")
 
@@ -145,73 +215,135 @@ def main(argv=None):
     for tool in ("wrk", "nginx", "redis-cli"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not installed; bench/run installs it (Debian)")
-    if not procs.redis_up(SHARED_REDIS_PORT):
+    chosen = set(args.peers)
+    if chosen & {"apigw", "apigw-w2", "prototype"} and not procs.redis_up(SHARED_REDIS_PORT):
         raise BenchError(f"needs Redis on 127.0.0.1:{SHARED_REDIS_PORT} (.ci/run starts one)")
-    workers = not args.no_workers and procs.twistd_has_option("--workers")
+    if "apigw-w2" in chosen and not procs.twistd_has_option("--workers"):
+        args.skipped["apigw-w2"] = "`twistd apigw --help` lists no --workers"
+    if "prototype" in chosen:
+        problem = peerprocs.prototype_problem(args.prototype, args.prototype_postgres)
+        if problem:
+            args.skipped["prototype"] = problem
+    for key, why in args.skipped.items():
+        say(f"bench: skipping {NAME[key]}: {why}")
+    args.peers = [k for k in args.peers if k not in args.skipped]
+    chosen = set(args.peers)
+    # Before anything starts: the peers' own virtualenv, made when missing.
+    venv_stamp = peerprocs.ensure_venv(
+        proxies=bool(chosen & {"aiohttp", "aiohttp-uvloop"}),
+        prototype_dir=args.prototype if "prototype" in chosen else None)
+    if venv_stamp.get("prototype", {}).get("relaxed_pins"):
+        say("bench: the prototype runs with its requirements' pins relaxed (see "
+            f"{os.path.relpath(os.path.join(peerprocs.VENV, 'install.log'))})")
+
     workdir = tempfile.mkdtemp(prefix="apigw-bench-")
     started = []
-    redis_db = None
+    redis_dbs = []
+    full_path = []
+    prototype = None
     try:
         upstream_port = procs.free_port()
         upstream = procs.nginx("upstream", workdir, upstream_port).start()
         started.append(upstream)
         procs.wait_for_port(upstream_port, 15, upstream)
-        proxy_port = procs.free_port()
-        proxy = procs.nginx("nginx-proxy", workdir, proxy_port, upstream_port).start()
-        started.append(proxy)
 
-        redis_db = procs.pick_redis_db(SHARED_REDIS_PORT)
+        # key -> (process whose CPU counts, path, API key or None)
+        procs_of = {}
+        if "nginx" in chosen:
+            proxy = procs.nginx("nginx-proxy", workdir, procs.free_port(), upstream_port)
+            procs_of["nginx"] = proxy.start()
+        for key in ("aiohttp", "aiohttp-uvloop"):
+            if key in chosen:
+                procs_of[key] = peerprocs.aiohttp_proxy(
+                    key, workdir, procs.free_port(), SERVICE, upstream_port,
+                    uvloop=key == "aiohttp-uvloop").start()
+        if "twisted" in chosen:
+            procs_of["twisted"] = peerprocs.twisted_proxy(
+                "twisted", workdir, procs.free_port(), SERVICE, upstream_port).start()
+        started.extend(procs_of.values())
+
         master_key = secrets.token_urlsafe(24)
-        yaml_text = GATEWAY_YAML.format(service=SERVICE, upstream_port=upstream_port,
-                                        limit=NEVER_REACHED)
-        gateways = [("apigw", None)] + ([("apigw --workers 2", 2)] if workers else [])
-        gateway_procs = []
-        for name, n in gateways:
-            d = name.replace(" --workers ", "-w")
-            env = {"DATABASE_URL": f"sqlite:///{workdir}/{d}/apigw.db",
-                   "REDIS_URL": f"redis://127.0.0.1:{SHARED_REDIS_PORT}/{redis_db}",
-                   "MASTER_KEY": master_key}
-            g = procs.gateway(d, workdir, procs.free_port(), yaml_text, env, workers=n)
-            g.start()
+        full_path = [k for k in ("apigw", "apigw-w2") if k in chosen]
+        if full_path:
+            redis_dbs.append(procs.pick_redis_db(SHARED_REDIS_PORT))
+            yaml_text = GATEWAY_YAML.format(service=SERVICE, upstream_port=upstream_port,
+                                            limit=NEVER_REACHED)
+            for key in full_path:
+                env = {"DATABASE_URL": f"sqlite:///{workdir}/{key}/apigw.db",
+                       "REDIS_URL": f"redis://127.0.0.1:{SHARED_REDIS_PORT}/{redis_dbs[0]}",
+                       "MASTER_KEY": master_key}
+                g = procs.gateway(key, workdir, procs.free_port(), yaml_text, env,
+                                  workers=2 if key == "apigw-w2" else None)
+                procs_of[key] = g.start()
+                started.append(g)
+        if "apigw-noauth" in chosen:
+            # No key, no limiter (so no Redis), no access log: the proxying alone.
+            yaml_text = NOAUTH_YAML.format(service=SERVICE, upstream_port=upstream_port)
+            env = {"DATABASE_URL": f"sqlite:///{workdir}/apigw-noauth/apigw.db"}
+            g = procs.gateway("apigw-noauth", workdir, procs.free_port(), yaml_text, env,
+                              access_log=False)
+            procs_of["apigw-noauth"] = g.start()
             started.append(g)
-            gateway_procs.append((name, g))
-        procs.wait_for_port(proxy_port, 15, proxy)
-        for _, g in gateway_procs:
-            procs.wait_healthy(g)
+        if "prototype" in chosen:
+            redis_dbs.append(procs.pick_redis_db(SHARED_REDIS_PORT, exclude=redis_dbs))
+            prototype = peerprocs.Prototype(args.prototype, workdir, upstream_port,
+                                            SHARED_REDIS_PORT, redis_dbs[-1],
+                                            args.prototype_postgres, NEVER_REACHED)
+            prototype.prepare()
+            procs_of["prototype"] = prototype.start()
+            started.append(prototype.proc)
 
-        peers = [Peer("upstream direct", upstream_port, "/"),
-                 Peer("nginx proxy", proxy_port, f"/{SERVICE}/", cpu_proc=proxy)]
-        keys = {}
-        for name, g in gateway_procs:
-            keys[name] = procs.create_key(g.port, master_key, "bench")
-            peers.append(Peer(name, g.port, f"/{SERVICE}/", cpu_proc=g))
-        # nginx ignores the key; sending one everywhere keeps requests alike.
-        key_of = {p.name: keys.get(p.name, next(iter(keys.values()))) for p in peers}
-        for peer in peers:
-            check_peer(peer, key_of[peer.name])  # and caches the key in apigw
+        for key, proc in procs_of.items():
+            if key.startswith("apigw"):
+                procs.wait_healthy(proc)
+            elif key == "prototype":
+                prototype.wait_ready()
+            else:
+                procs.wait_for_port(proc.port, 30, proc)
+
+        keys = {k: procs.create_key(procs_of[k].port, master_key, "bench") for k in full_path}
+        if prototype is not None:
+            keys["prototype"] = prototype.create_key()
+        # The others ignore the key; sending one everywhere keeps requests alike.
+        any_key = keys.get("apigw") or next(iter(keys.values()), secrets.token_urlsafe(24))
+        peers = []
+        for key in args.peers:
+            if key == "upstream":
+                peer = Peer(key, upstream_port, "/")
+            else:
+                path = prototype.path if key == "prototype" else f"/{SERVICE}/"
+                peer = Peer(key, procs_of[key].port, path, cpu_proc=procs_of[key])
+            peer.api_key = keys.get(key, any_key)
+            check_peer(peer)  # and caches the key in apigw
+            peers.append(peer)
 
         say(f"bench: {len(peers)} peers, c={args.connections}, {args.rounds} round(s) of "
             f"{args.duration:g} s each; workdir {workdir}")
         for peer in peers:
-            run_wrk(peer, min(args.connections), args.warmup_s, key_of[peer.name])
+            run_wrk(peer, min(args.connections), args.warmup_s)
         results = []
         for n in range(args.rounds):
             for c in args.connections:
                 for peer in peers:
-                    r = run_wrk(peer, c, args.duration, key_of[peer.name])
+                    r = run_wrk(peer, c, args.duration)
                     r["round"] = n + 1
                     results.append(r)
                     say(f"  round {n + 1} c={c} {peer.name}: {r['rps']:,.0f} req/s")
-        crashed = [g.name for _, g in gateway_procs if not g.alive]
+        crashed = [p.name for p in peers if p.cpu_proc is not None and not p.cpu_proc.alive]
+        if not upstream.alive:
+            crashed.append("upstream")
         if crashed:
-            raise BenchError(f"gateway(s) died during the run: {', '.join(crashed)}")
-        access_lines = {name: _count_lines(os.path.join(g.dir, "access.log"))
-                        for name, g in gateway_procs}
+            raise BenchError(f"peer(s) died during the run: {', '.join(crashed)}")
+        access_lines = {NAME[k]: _count_lines(os.path.join(procs_of[k].dir, "access.log"))
+                        for k in full_path}
+        versions = peerprocs.venv_versions()
     finally:
         for proc in reversed(started):
             proc.stop()
-        if redis_db is not None:
-            procs.redis_delete_pattern(SHARED_REDIS_PORT, redis_db, f"apigw:rl:{SERVICE}:*")
+        if prototype is not None:
+            prototype.cleanup()
+        if redis_dbs and full_path:
+            procs.redis_delete_pattern(SHARED_REDIS_PORT, redis_dbs[0], f"apigw:rl:{SERVICE}:*")
         if args.keep:
             say(f"bench: kept {workdir}")
         else:
@@ -225,17 +357,24 @@ def main(argv=None):
           f"{os.cpu_count()} CPUs, wrk -t1 -cN -d{args.duration:g}s, "
           f"{args.rounds} round(s), mean over rounds")
     print(format_table(rows))
+    for key, why in args.skipped.items():
+        print(f"skipped: {NAME[key]}: {why}")
     os.makedirs(args.results_dir, exist_ok=True)
     path = os.path.join(args.results_dir, f"bench-{when:%Y%m%dT%H%M%SZ}.json")
     with open(path, "w") as f:
         json.dump({
             "date": when.isoformat(), "command": command.strip(), "rows": rows,
             "runs": results, "access_log_lines": access_lines,
+            "peers": [{"key": p.key, "name": p.name, "url": p.url,
+                       "argv": p.cpu_proc.argv if p.cpu_proc else None} for p in peers],
+            "skipped": {NAME[k]: why for k, why in args.skipped.items()},
+            "peers_venv": venv_stamp,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": sys.version.split()[0]},
             "versions": {"wrk": procs.tool_version(["wrk", "-v"]),
                          "nginx": procs.tool_version(["nginx", "-v"]),
-                         "apigw_commit": _git_commit()},
+                         "twisted": _twisted_version(),
+                         "apigw_commit": _git_commit(), **versions},
         }, f, indent=2)
     print(f"raw results: {os.path.relpath(path)}")
     return 0
@@ -247,6 +386,11 @@ def _count_lines(path):
             return sum(1 for _ in f)
     except OSError:
         return 0
+
+
+def _twisted_version():
+    import twisted
+    return twisted.__version__
 
 
 def _git_commit():

@@ -30,6 +30,16 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 GATEWAY_ENV = ("DATABASE_URL", "REDIS_URL", "MASTER_KEY", "DEBUG")
 
 
+def project_env(env=None):
+    """Our environment for a twistd of this checkout: REPO first on
+    PYTHONPATH, so that a worktree run with another checkout's .venv (whose
+    editable install points there) still runs this checkout's apigw."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "")
+                                                  .split(os.pathsep) if p])
+    return env
+
+
 class BenchError(Exception):
     """A setup step failed; the message says which and why."""
 
@@ -267,23 +277,25 @@ def nginx(name, workdir, port, upstream_port=None, echo_request_id=False):
 
 def twistd_has_option(option):
     out = subprocess.run([TWISTD, "apigw", "--help"], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, env=project_env())
     return option in out.stdout
 
 
-def gateway(name, workdir, port, config_yaml, env, workers=None):
+def gateway(name, workdir, port, config_yaml, env, workers=None, access_log=True):
     """`twistd -n apigw` with its own directory (config, SQLite, logs) as cwd,
-    so no .env of the checkout is read."""
+    so no .env of the checkout is read; the JSON access log goes to
+    access.log there unless `access_log` is false."""
     d = os.path.join(workdir, name)
     os.makedirs(d, exist_ok=True)
     config = os.path.join(d, "gateway.yaml")
     with open(config, "w") as f:
         f.write(config_yaml)
-    full_env = {k: v for k, v in os.environ.items() if k not in GATEWAY_ENV}
+    full_env = project_env({k: v for k, v in os.environ.items() if k not in GATEWAY_ENV})
     full_env.update(env)
     argv = [TWISTD, "-n", "--pidfile=", "--logfile", os.path.join(d, "twistd.log"),
-            "apigw", "--config", config, "--port", f"tcp:{port}:interface=127.0.0.1",
-            "--access-log", os.path.join(d, "access.log")]
+            "apigw", "--config", config, "--port", f"tcp:{port}:interface=127.0.0.1"]
+    if access_log:
+        argv += ["--access-log", os.path.join(d, "access.log")]
     if workers:
         argv += ["--workers", str(workers)]
     proc = Proc(name, argv, os.path.join(d, "stdout.log"), cwd=d, env=full_env)
@@ -345,9 +357,9 @@ def redis_up(port):
         return False
 
 
-def pick_redis_db(port):
+def pick_redis_db(port, exclude=()):
     """An empty database index on a shared Redis (1..15, random order)."""
-    candidates = list(range(1, 16))
+    candidates = [db for db in range(1, 16) if db not in exclude]
     secrets.SystemRandom().shuffle(candidates)
     for db in candidates:
         if redis_cli(port, "DBSIZE", db=db) == "0":
