@@ -1,12 +1,13 @@
 """Forwarding one request upstream and streaming the answer back.
 
-The forwarded request goes through our own HTTP/1.1 client (apigw.h1client:
-an IAgent over a keep-alive pool, framed by httptools). twisted.web.client's
-Agent spent more CPU per request than all the rest of the gateway, and hid
-Connection and Content-Length from us; it stays only as the reference in
-differential tests. Never treq's HTTPClient: it asks for and decodes gzip,
-shares one cookie jar between all callers and re-encodes URLs, none of which
-a proxy may do.
+The forwarded request goes through our own HTTP/1.1 client
+(apigw.upstream_client: a keep-alive pool framed by httptools, reached here
+through its IAgent, FastAgent). twisted.web.client's Agent spent more CPU
+per request than all the rest of the gateway, and hid Connection and
+Content-Length from us; it stays only as the reference in differential
+tests. Never treq's HTTPClient: it asks for and decodes gzip, shares one
+cookie jar between all callers and re-encodes URLs, none of which a proxy
+may do.
 """
 
 import random
@@ -32,9 +33,9 @@ from zope.interface import implementer
 from apigw.balancer import Balancer, BreakerRegistry
 from apigw.config import Settings
 from apigw.errors import GatewayError
-from apigw.h1client import FastAgent, UpstreamPool
 from apigw.logs import redact
 from apigw.retry import RETRYABLE_STATUSES, backoff_delay_s, is_idempotent
+from apigw.upstream_client import ConnectionPool, FastAgent
 
 log = Logger()
 
@@ -180,8 +181,8 @@ class Forwarder:
         self._configured = False
         # The pool resends an idempotent request once on a fresh connection
         # when a reused one turns out stale before any response byte.
-        self.pool = UpstreamPool(reactor, max_idle_per_target=max_idle_per_host,
-                                 idle_timeout_s=120)
+        self.pool = ConnectionPool(reactor, max_idle_per_target=max_idle_per_host,
+                                   idle_timeout_s=120)
         self._agent = agent if agent is not None else FastAgent(reactor, self.pool)
 
     def configure(self, config):
@@ -195,7 +196,7 @@ class Forwarder:
 
     def close(self):
         self.breakers.stop()
-        return self.pool.closeCachedConnections()
+        return self.pool.close_idle()
 
     def balancer_for(self, service):
         balancer = self._balancers.get(service.name)

@@ -1,5 +1,6 @@
-"""FastAgent: framing and pooling in memory, then differential tests against
-twisted.web.client.Agent over real loopback servers."""
+"""apigw.upstream_client: framing, pooling and the connection state in
+memory, then differential tests of FastAgent against twisted.web.client.Agent
+over real loopback servers."""
 
 import hashlib
 import socket
@@ -8,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionDone, ConnectionLost
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -23,8 +24,8 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from apigw.h1client import FastAgent, UpstreamPool
-from tests.h1client_support import (
+from apigw.upstream_client import ConnectionPool, FastAgent, UpstreamConnection
+from tests.upstream_client_support import (
     BIG,
     Bytes,
     Collect,
@@ -55,7 +56,7 @@ def mem():
         built.append((scheme, host, port))
         return endpoint
 
-    pool = UpstreamPool(clock, max_idle_per_target=2, idle_timeout_s=30, endpoint_for=endpoint_for)
+    pool = ConnectionPool(clock, max_idle_per_target=2, idle_timeout_s=30, endpoint_for=endpoint_for)
     agent = FastAgent(clock, pool)
     agent.clock, agent.endpoint, agent.built = clock, endpoint, built
     return agent
@@ -141,7 +142,7 @@ def test_idle_connections_reused_lifo_and_capped(mem):
     transports = [answer(mem, OK, n) for n in range(3)]
     assert all(isinstance(p[0].code, int) for p in pending)
     assert transports[0].disconnecting and not transports[1].disconnecting
-    assert mem.pool.idle_count(b"http://up.example") == 2
+    assert mem.pool.idle_count(mem.target_for(b"http://up.example")) == 2
     start(mem)
     assert len(mem.endpoint.connections) == 3
     assert transports[2].value().count(b"GET") == 2
@@ -155,7 +156,7 @@ def test_idle_timeout_closes_connections(mem):
     assert not transport.disconnecting
     mem.clock.advance(2)
     assert transport.disconnecting
-    assert mem.pool.idle_count(b"http://up.example") == 0
+    assert mem.pool.idle_count(mem.target_for(b"http://up.example")) == 0
 
 
 @pytest.mark.parametrize("raw, headers", [
@@ -169,7 +170,7 @@ def test_connection_not_reused_when_either_side_says_close(mem, raw, headers):
     transport = answer(mem, raw)
     assert body_of(results[0]).complete
     assert transport.disconnecting
-    assert mem.pool.idle_count(b"http://up.example") == 0
+    assert mem.pool.idle_count(mem.target_for(b"http://up.example")) == 0
 
 
 def test_head_answer_with_length_ends_at_headers(mem):
@@ -276,18 +277,19 @@ def test_bytes_on_an_idle_connection_drop_it(mem):
     """When an idle connection receives bytes nobody asked for, it leaves the pool."""
     start(mem)
     transport = answer(mem, OK + b"HTTP/1.1 200 OK\r\n")
-    assert transport.disconnected and mem.pool.idle_count(b"http://up.example") == 0
+    assert transport.disconnected and mem.pool.idle_count(mem.target_for(b"http://up.example")) == 0
 
 
 def test_idle_check_sees_a_peer_close_before_sending():
     """When the peer has already closed a pooled socket, the connection is found dead before use."""
-    from apigw.h1connection import _Connection
     ours, theirs = socket.socketpair()
-    conn = _Connection(None, None)
-    conn._sock = ours
-    assert conn._alive()
+    conn = UpstreamConnection(None, None)
+    transport = StringTransport()
+    transport.socket = ours
+    conn.makeConnection(transport)
+    assert conn.alive()
     theirs.close()
-    assert not conn._alive()
+    assert not conn.alive()
     ours.close()
 
 
@@ -297,7 +299,7 @@ def test_idle_check_sees_a_peer_close_before_sending():
 @pytest_twisted.async_yield_fixture
 async def agents():
     agent_pool = HTTPConnectionPool(reactor, persistent=True)
-    fast_pool = UpstreamPool(reactor)
+    fast_pool = ConnectionPool(reactor)
     yield Agent(reactor, pool=agent_pool), FastAgent(reactor, fast_pool)
     await agent_pool.closeCachedConnections()
     await fast_pool.closeCachedConnections()
@@ -445,7 +447,7 @@ async def test_connection_closed_while_idle_is_not_used(agents):
         await fetch(agents[1], b"GET", server.url + b"/s")
         await within(defer.DeferredList([c.lost for c in list(server.open)]))
         await task.deferLater(reactor, 0.05)
-        assert agents[1].pool.idle_count(server.url) == 0
+        assert agents[1].pool.idle_count(agents[1].target_for(server.url)) == 0
         assert (await fetch(agents[1], b"GET", server.url + b"/s"))["code"] == 200
         assert server.connections == 2 and len(server.requests) == 2
     finally:
@@ -595,14 +597,14 @@ async def test_https_same_answer_as_agent_and_reused():
     url = b"https://127.0.0.1:%d" % site.port.getHost().port
     policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(cert_pem))
     agent_pool = HTTPConnectionPool(reactor, persistent=False)
-    fast_pool = UpstreamPool(reactor, tls_policy=policy)
+    fast_pool = ConnectionPool(reactor, tls_policy=policy)
     try:
         agent_result = await fetch(Agent(reactor, policy, pool=agent_pool), b"GET", url + b"/fixed")
         fast = FastAgent(reactor, fast_pool)
         for _ in range(3):
             assert await fetch(fast, b"GET", url + b"/fixed") == agent_result
         assert site.connections == 2
-        untrusting = FastAgent(reactor, UpstreamPool(reactor))
+        untrusting = FastAgent(reactor, ConnectionPool(reactor))
         with pytest.raises(ResponseNeverReceived):
             await fetch(untrusting, b"GET", url + b"/fixed")
     finally:
