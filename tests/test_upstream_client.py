@@ -476,6 +476,25 @@ def test_raw_headers_keep_order_case_and_duplicates(pool, monkeypatch):
     assert response.headers is response.headers and len(built) == 1
 
 
+def test_failing_body_producer_fails_the_request(pool):
+    """When the body producer fails midway, the request fails with RequestGenerationFailed and the connection is dropped."""
+    body = Bytes(b"abcdef")
+    started = defer.Deferred()
+
+    def half_then_wait(consumer):
+        consumer.write(b"abc")
+        return started
+
+    body.startProducing = half_then_wait
+    results = send(pool, make_target(), method=b"PUT", body=body)
+    conn, transport = pool.endpoint.connections[0]
+    assert conn.state == TRANSMITTING and transport.producer is body
+    started.errback(Failure(ZeroDivisionError()))
+    assert results[0].check(RequestGenerationFailed)
+    assert results[0].value.reasons[0].check(ZeroDivisionError)
+    assert transport.disconnected and conn.state == CLOSING and transport.producer is None
+
+
 def test_close_idle_fires_when_idle_connections_are_gone(pool):
     """When close_idle is called, idle connections close and its Deferred fires once they are lost."""
     target = make_target()

@@ -338,20 +338,18 @@ class UpstreamConnection(Protocol):
                 state is not TRANSMITTING and state is not TRANSMITTING_AFTER_RESPONSE):
             return
         self._stop_sending(stop_producer=False)
+        self.state = WAITING if state is TRANSMITTING else RECEIVING
         if self._body_left is None:
             self.transport.write(b"0\r\n\r\n")
         elif self._body_left:
             self._abort(Failure(RequestGenerationFailed(
                 [Failure(WrongBodyLength("body producer wrote less than its length"))])))
-            return
-        self.state = WAITING if state is TRANSMITTING else RECEIVING
 
     def _body_failed(self, failure, request):
         state = self.state
         if self._request is request and (
                 state is TRANSMITTING or state is TRANSMITTING_AFTER_RESPONSE):
-            self._stop_sending(stop_producer=False)
-            self._abort(Failure(RequestGenerationFailed([failure])))
+            self._abort(Failure(RequestGenerationFailed([failure])), stop_producer=False)
         # An abandoned attempt's producer failing is nobody's concern.
 
     def _stop_sending(self, stop_producer):
@@ -504,7 +502,7 @@ class UpstreamConnection(Protocol):
 
     # Failure.
 
-    def _abort(self, failure):
+    def _abort(self, failure, stop_producer=True):
         """Drop the connection; fail whatever the current request's caller
         waits on with `failure` (None: the caller already knows)."""
         state = self.state
@@ -514,7 +512,7 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         if state is TRANSMITTING or state is TRANSMITTING_AFTER_RESPONSE:
-            self._stop_sending(stop_producer=True)
+            self._stop_sending(stop_producer)
         request, response = self._request, self._response
         self._request = self._response = None
         self.state = CLOSING
