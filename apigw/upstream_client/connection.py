@@ -131,7 +131,7 @@ class UpstreamConnection(Protocol):
         self._response = None
         self._producer = None  # the body producer registered with our transport
         self._body_left = None  # bytes the producer still owes; None: chunked
-        self._keep = False
+        self._keep = False  # the connection outlives this exchange: nobody said close
         self._until_close = False  # the response body ends with the connection
         # The response head being parsed.
         self._raw_headers = None
@@ -170,11 +170,11 @@ class UpstreamConnection(Protocol):
         `request` has `method`, `path` (the request target, already checked),
         `headers` (Headers, (name, value) pairs, or None), `producer` (an
         IBodyProducer or None), `target.host_header` and `reused` (whether
-        the connection sat idle before). It hears back exactly once through
-        `answer(response)` (may be called again after the caller has the
-        response; it must ignore that), `fail(failure)`, or `stale(reason)`:
-        a reused connection closed before any response byte, so the request
-        may be sent again elsewhere.
+        the connection sat idle before). The outcome comes through one of
+        `answer(response)`, `fail(failure)`, or `stale(reason)`: a reused
+        connection closed before any response byte, so the request may be
+        sent again elsewhere. `answer` comes again when the response is
+        complete; only the first call counts.
         """
         try:
             head = self._head(request)
