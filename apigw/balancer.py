@@ -32,6 +32,14 @@ class Balancer:
         who must report the outcome to it.
         """
         count = len(self.targets)
+        if not exclude:
+            # The common case: the next target in turn, without building lists.
+            for step in range(count):
+                i = (self._next + step) % count
+                if self.breakers[i].allow_request():
+                    self._next = (i + 1) % count
+                    return self.targets[i], self.breakers[i]
+            return None
         order = [(self._next + i) % count for i in range(count)]
         preferred = [i for i in order if self.targets[i] not in exclude]
         fallback = [i for i in order if self.targets[i] in exclude]

@@ -35,6 +35,7 @@ from apigw.errors import GatewayError
 from apigw.headers import upstream_header_pairs
 from apigw.logs import redact
 from apigw.retry import RETRYABLE_STATUSES, backoff_delay_s, is_idempotent
+from apigw.upstream_client import ConnectionPool
 
 log = Logger()
 
@@ -76,10 +77,7 @@ class AgentClient:
 
 def default_client(reactor):
     """Our own keep-alive pool, as the gateway runs it."""
-    from apigw.h1client import FastAgent, UpstreamPool
-
-    pool = UpstreamPool(reactor, max_idle_per_target=64, idle_timeout_s=120)
-    return AgentClient(FastAgent(reactor, pool), pool)
+    return ConnectionPool(reactor, max_idle_per_target=64, idle_timeout_s=120)
 
 
 class Forwarder:

@@ -18,6 +18,8 @@ ACCESS_FIELDS = (
     "upstream_latency_ms", "attempts", "client_ip", "consumer", "bytes_sent",
 )
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
 _FORMAT = "{access[method]} {access[path]} -> {access[status]} ({access[latency_ms]} ms)"
 
 # An API key wherever a client put it (a query string, a path segment).
@@ -76,7 +78,7 @@ class AccessLog:
     def _write(self, access):
         if self._file is None:
             return
-        self._pending.append(json.dumps(access, separators=(",", ":")))
+        self._pending.append(_ENCODER.encode(access))
         if self._clock is None or len(self._pending) >= self.max_pending:
             self._flush()
         elif self._flush_call is None:

@@ -29,27 +29,26 @@ def relay(request, response, extra_headers, date, idle_timeout_s, clock):
     nginx's proxy_read_timeout: nothing else would ever end that request.
     """
     code = response.code
-    request.setResponseCode(code, response.phrase)
-    # No invented Content-Type when the upstream sent none.
-    request.defaultContentType = None
     raw = getattr(response, "raw_headers", None)
     if raw is None:  # an IResponse from elsewhere (Agent, in tests)
         raw = [(name, value) for name, values in response.headers.getAllRawHeaders()
                for value in values]
     pairs, names = response_header_pairs(raw, code)
-    add = request.responseHeaders.addRawHeader
-    for name, value in pairs:
-        add(name, value)
     no_body = request.method == b"HEAD" or code in NO_BODY_CODES
-    if b"content-length" not in names and isinstance(response.length, int) and not no_body:
-        # Agent (kept as the reference client) files Content-Length away
-        # from its headers; its length attribute still knows it.
-        add(b"Content-Length", b"%d" % response.length)
+    chunked = False
+    if not no_body and b"content-length" not in names:
+        if isinstance(response.length, int):
+            # Agent (kept as the reference client) files Content-Length
+            # away from its headers; its length attribute still knows it.
+            pairs.append((b"Content-Length", b"%d" % response.length))
+        elif request.clientproto == b"HTTP/1.1":
+            chunked = True
+            pairs.append((b"Transfer-Encoding", b"chunked"))
     if b"date" not in names:
-        add(b"Date", date)
-    for name, value in extra_headers:
-        add(name, value)
-    add(b"X-Request-ID", request.request_id.encode("ascii"))
+        pairs.append((b"Date", date))
+    pairs.extend(extra_headers)
+    pairs.append((b"X-Request-ID", request.request_id.encode("ascii")))
+    request.start_response(code, response.phrase, pairs, chunked)
     done = defer.Deferred()
     if no_body:
         # No body follows; let the pool have the connection back.
@@ -140,7 +139,9 @@ class _Relay(Protocol):
             self._done.callback(CLIENT_GONE)
             return
         request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # isinstance, not Failure.check: check() walks the class hierarchy
+        # by name, on every response.
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             request.finish()
             self._done.callback(COMPLETE)
             return

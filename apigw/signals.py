@@ -3,6 +3,8 @@
 import signal
 import threading
 
+from apigw._twisted_compat import clear_exit_signal
+
 
 class SighupHandler:
     """Calls `callback` on the reactor thread for each SIGHUP while installed.
@@ -38,8 +40,7 @@ def exit_zero_after_sigterm(reactor):
     (systemd's control-group kill, an impatient operator) sets it again.
     """
     def clear():
-        if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
-            reactor._exitSignal = None
+        clear_exit_signal(reactor, signal.SIGTERM)
 
     clear()
     if getattr(reactor, "running", False):

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from apigw._twisted_compat import start_response
 from apigw.channel import ConnectionLimit, GatewayChannel
 from apigw.errors import GetOnly, error_response, request_id_for
 
@@ -100,12 +101,28 @@ class GatewayRequest(server.Request):
         headers.setRawHeaders(b"server", [SERVER])
         headers.setRawHeaders(b"date", [self.channel.site.date.now()])
 
+    def start_response(self, code, phrase, pairs, chunked):
+        """Send the status line and headers from byte pairs, for a proxied
+        answer: no Headers object is filled and serialised again. Headers
+        twisted.web already set for this request (Connection: close) join
+        them; write() and finish() then go on as usual."""
+        if self.channel.site.draining:
+            self._close_after()
+        lines = [name + b": " + value + b"\r\n" for name, value in pairs]
+        for name, values in self.responseHeaders.getAllRawHeaders():
+            for value in values:
+                lines.append(name + b": " + value + b"\r\n")
+        start_response(self, code, phrase, lines, chunked)
+
+    def _close_after(self):
+        # Draining: this connection closes after this response, so the
+        # client sends its next request to a process that will answer it.
+        self.channel.persistent = False
+        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
     def write(self, data):
         if not self.startedWriting and self.channel.site.draining:
-            # Draining: this connection closes after this response, so the
-            # client sends its next request to a process that will answer it.
-            self.channel.persistent = False
-            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            self._close_after()
         self.bytes_sent += len(data)
         super().write(data)
 

@@ -1,5 +1,6 @@
-"""FastAgent: framing and pooling in memory, then differential tests against
-twisted.web.client.Agent over real loopback servers."""
+"""apigw.upstream_client: framing, pooling and the connection state in
+memory, then differential tests of FastAgent against twisted.web.client.Agent
+over real loopback servers."""
 
 import hashlib
 import socket
@@ -8,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionDone, ConnectionLost
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -23,8 +24,20 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from apigw.h1client import FastAgent, UpstreamPool
-from tests.h1client_support import (
+from apigw.config import Target
+from apigw.upstream_client import ConnectionPool, FastAgent, UpstreamConnection
+from apigw.upstream_client import response as response_module
+from apigw.upstream_client.connection import (
+    CLOSING,
+    LOST,
+    QUIESCENT,
+    RECEIVING,
+    STATES,
+    TRANSMITTING,
+    TRANSMITTING_AFTER_RESPONSE,
+    WAITING,
+)
+from tests.upstream_client_support import (
     BIG,
     Bytes,
     Collect,
@@ -55,7 +68,7 @@ def mem():
         built.append((scheme, host, port))
         return endpoint
 
-    pool = UpstreamPool(clock, max_idle_per_target=2, idle_timeout_s=30, endpoint_for=endpoint_for)
+    pool = ConnectionPool(clock, max_idle_per_target=2, idle_timeout_s=30, endpoint_for=endpoint_for)
     agent = FastAgent(clock, pool)
     agent.clock, agent.endpoint, agent.built = clock, endpoint, built
     return agent
@@ -141,7 +154,7 @@ def test_idle_connections_reused_lifo_and_capped(mem):
     transports = [answer(mem, OK, n) for n in range(3)]
     assert all(isinstance(p[0].code, int) for p in pending)
     assert transports[0].disconnecting and not transports[1].disconnecting
-    assert mem.pool.idle_count(b"http://up.example") == 2
+    assert mem.pool.idle_count(mem.target_for(b"http://up.example")) == 2
     start(mem)
     assert len(mem.endpoint.connections) == 3
     assert transports[2].value().count(b"GET") == 2
@@ -155,7 +168,7 @@ def test_idle_timeout_closes_connections(mem):
     assert not transport.disconnecting
     mem.clock.advance(2)
     assert transport.disconnecting
-    assert mem.pool.idle_count(b"http://up.example") == 0
+    assert mem.pool.idle_count(mem.target_for(b"http://up.example")) == 0
 
 
 @pytest.mark.parametrize("raw, headers", [
@@ -169,7 +182,7 @@ def test_connection_not_reused_when_either_side_says_close(mem, raw, headers):
     transport = answer(mem, raw)
     assert body_of(results[0]).complete
     assert transport.disconnecting
-    assert mem.pool.idle_count(b"http://up.example") == 0
+    assert mem.pool.idle_count(mem.target_for(b"http://up.example")) == 0
 
 
 def test_head_answer_with_length_ends_at_headers(mem):
@@ -276,19 +289,227 @@ def test_bytes_on_an_idle_connection_drop_it(mem):
     """When an idle connection receives bytes nobody asked for, it leaves the pool."""
     start(mem)
     transport = answer(mem, OK + b"HTTP/1.1 200 OK\r\n")
-    assert transport.disconnected and mem.pool.idle_count(b"http://up.example") == 0
+    assert transport.disconnected and mem.pool.idle_count(mem.target_for(b"http://up.example")) == 0
 
 
 def test_idle_check_sees_a_peer_close_before_sending():
     """When the peer has already closed a pooled socket, the connection is found dead before use."""
-    from apigw.h1connection import _Connection
     ours, theirs = socket.socketpair()
-    conn = _Connection(None, None)
-    conn._sock = ours
-    assert conn._alive()
+    conn = UpstreamConnection(None, None)
+    transport = StringTransport()
+    transport.socket = ours
+    conn.makeConnection(transport)
+    assert conn.alive()
     theirs.close()
-    assert not conn._alive()
+    assert not conn.alive()
     ours.close()
+
+
+# The pool's own contract: parsed Targets, header pairs, the connection state.
+
+
+def make_target(host=b"up.example", port=80, base_path=b"", scheme=b"http"):
+    shown = host if port == 80 else b"%b:%d" % (host, port)
+    return Target(url="http://" + shown.decode() + base_path.decode(), scheme=scheme,
+                  host=host, port=port, base_path=base_path, host_header=shown)
+
+
+@pytest.fixture
+def pool():
+    clock = MemoryReactorClock()
+    endpoint = MemoryEndpoint()
+    built = []
+
+    def endpoint_for(scheme, host, port):
+        built.append((scheme, host, port))
+        return endpoint
+
+    pool = ConnectionPool(clock, max_idle_per_target=2, idle_timeout_s=30,
+                          endpoint_for=endpoint_for)
+    pool.clock, pool.endpoint, pool.built = clock, endpoint, built
+    return pool
+
+
+def send(pool, target, method=b"GET", path=b"/p", headers=None, body=None):
+    results = []
+    pool.request(target, method, path, headers, body).addBoth(results.append)
+    return results
+
+
+def test_state_goes_through_its_named_states(pool):
+    """When a request with a streamed body is sent and answered, the connection's state walks the named states back to QUIESCENT."""
+    target = make_target()
+    stream = Stream(100000, clock=pool.clock)
+    results = send(pool, target, method=b"PUT", body=stream)
+    conn, transport = pool.endpoint.connections[0]
+    seen = [conn.state]
+    pool.clock.advance(0)
+    pool.clock.advance(0)
+    seen.append(conn.state)
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    seen.append(conn.state)
+    body = body_of(results[0])
+    conn.dataReceived(b"cd")
+    seen.append(conn.state)
+    assert seen == [TRANSMITTING, WAITING, RECEIVING, QUIESCENT]
+    assert body.complete and pool.idle_count(target) == 1
+    assert set(seen) <= set(STATES)
+
+
+def test_state_after_an_early_answer_and_a_close(pool):
+    """When the answer starts before the body is sent it is TRANSMITTING_AFTER_RESPONSE; a close ends in CLOSING, then LOST."""
+    stream = Stream(10 * MB, clock=pool.clock)
+    results = send(pool, make_target(), method=b"POST", body=stream)
+    conn, transport = pool.endpoint.connections[0]
+    conn.dataReceived(b"HTTP/1.1 413 Too Large\r\n")
+    assert conn.state == TRANSMITTING_AFTER_RESPONSE
+    conn.dataReceived(b"Content-Length: 0\r\n\r\n")
+    assert conn.state == CLOSING and transport.disconnecting
+    assert results[0].code == 413
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert conn.state == LOST
+
+
+def test_idle_connection_lost_leaves_the_pool(pool):
+    """When a quiescent connection is lost, it tells the pool through its callback and is not handed out again."""
+    target = make_target()
+    send(pool, target)
+    conn, transport = pool.endpoint.connections[0]
+    conn.dataReceived(OK)
+    assert conn.state == QUIESCENT and pool.idle_count(target) == 1
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert conn.state == LOST and pool.idle_count(target) == 0
+    send(pool, target)
+    assert len(pool.endpoint.connections) == 2
+
+
+def test_connections_keyed_by_equal_targets(pool):
+    """When two Targets name the same host and port they share connections only if they are equal."""
+    first = make_target(base_path=b"/v1")
+    same = make_target(base_path=b"/v1")
+    other = make_target(base_path=b"/v2")
+    assert first is not same and first == same and first != other
+    send(pool, first)
+    pool.endpoint.connections[0][0].dataReceived(OK)
+    send(pool, same)
+    assert len(pool.endpoint.connections) == 1
+    pool.endpoint.connections[0][0].dataReceived(OK)
+    send(pool, other)
+    assert len(pool.endpoint.connections) == 2
+    assert pool.idle_count(first) == pool.idle_count(same) == 1
+    assert pool.idle_count(other) == 0
+    assert pool.built == [(b"http", b"up.example", 80)] * 2
+
+
+def test_path_goes_out_as_given_and_base_path_is_the_callers(pool):
+    """When the pool gets a Target and a path, the request line carries the path byte for byte and Host from the Target."""
+    send(pool, make_target(port=8080, base_path=b"/base"), path=b"/a%2Fb?q=\xc3\xa9&&x")
+    assert pool.endpoint.connections[0][1].value() == (
+        b"GET /a%2Fb?q=\xc3\xa9&&x HTTP/1.1\r\nHost: up.example:8080\r\n\r\n")
+
+
+@pytest.mark.parametrize("method, path", [
+    (b"GET", b"/a b"), (b"GET", b"/a\r\nX: y"), (b"GET", b""), (b"GE T", b"/"),
+])
+def test_bad_method_or_path_refused_before_connecting(pool, method, path):
+    """When the method is not a token or the path holds spaces or controls, the request fails at once."""
+    results = send(pool, make_target(), method=method, path=path)
+    assert results[0].check(ValueError) and not pool.endpoint.connections
+
+
+def test_header_pairs_written_as_given(pool):
+    """When headers come as (name, value) pairs, they go out in order with their case and duplicates; framing is ours."""
+    pairs = [
+        (b"x-b", b"1"), (b"X-A", b"2"), (b"x-b", b"3"), (b"content-LENGTH", b"99"),
+        (b"TRANSFER-encoding", b"gzip"), (b"Accept", b"*/*"),
+    ]
+    send(pool, make_target(), method=b"PUT", headers=pairs, body=Bytes(b"abc"))
+    assert pool.endpoint.connections[0][1].value() == (
+        b"PUT /p HTTP/1.1\r\nHost: up.example\r\nx-b: 1\r\nX-A: 2\r\nx-b: 3\r\n"
+        b"Accept: */*\r\nContent-Length: 3\r\n\r\nabc")
+
+
+def test_header_pairs_with_host_and_close(pool):
+    """When the pairs carry a Host in any case it is sent once as given; a Connection: close among them closes after the answer."""
+    target = make_target()
+    send(pool, target, headers=((b"host", b"api.example"), (b"connection", b"Close")))
+    conn, transport = pool.endpoint.connections[0]
+    assert transport.value() == (
+        b"GET /p HTTP/1.1\r\nhost: api.example\r\nconnection: Close\r\n\r\n")
+    conn.dataReceived(OK)
+    assert transport.disconnecting and pool.idle_count(target) == 0
+
+
+@pytest.mark.parametrize("pair", [
+    (b"X-Evil", b"1\r\nX-Forged: 2"), (b"X-Evil", b"1\nX-Forged: 2"), (b"X-Evil", b"1\r"),
+    (b"X-Evil\r\nX-Forged", b"2"),
+])
+def test_header_pairs_with_line_breaks_refused(pool, pair):
+    """When a pair holds CR or LF, nothing is written, the request fails and the connection stays usable."""
+    target = make_target()
+    send(pool, target)
+    conn, transport = pool.endpoint.connections[0]
+    conn.dataReceived(OK)
+    transport.clear()
+    results = send(pool, target, headers=[(b"Accept", b"*/*"), pair])
+    assert results[0].check(ValueError)
+    assert transport.value() == b"" and conn.state == QUIESCENT
+    assert pool.idle_count(target) == 1
+
+
+def test_raw_headers_keep_order_case_and_duplicates(pool, monkeypatch):
+    """When the answer repeats headers in mixed case, raw_headers has them as received; Headers is built only when asked."""
+    built = []
+    real = response_module.Headers
+    monkeypatch.setattr(response_module, "Headers", lambda: built.append(1) or real())
+    results = send(pool, make_target())
+    pool.endpoint.connections[0][0].dataReceived(
+        b"HTTP/1.1 200 OK\r\nset-cookie: a=1\r\nX-Up: 1\r\nSet-Cookie: b=2\r\n"
+        b"x-up: 2\r\ncontent-length: 2\r\n\r\nok")
+    response = results[0]
+    assert response.raw_headers == [
+        (b"set-cookie", b"a=1"), (b"X-Up", b"1"), (b"Set-Cookie", b"b=2"),
+        (b"x-up", b"2"), (b"content-length", b"2")]
+    assert not built
+    assert response.headers.getRawHeaders(b"set-cookie") == [b"a=1", b"b=2"]
+    assert response.headers.getRawHeaders(b"x-up") == [b"1", b"2"]
+    assert response.headers is response.headers and len(built) == 1
+
+
+def test_failing_body_producer_fails_the_request(pool):
+    """When the body producer fails midway, the request fails with RequestGenerationFailed and the connection is dropped."""
+    body = Bytes(b"abcdef")
+    started = defer.Deferred()
+
+    def half_then_wait(consumer):
+        consumer.write(b"abc")
+        return started
+
+    body.startProducing = half_then_wait
+    results = send(pool, make_target(), method=b"PUT", body=body)
+    conn, transport = pool.endpoint.connections[0]
+    assert conn.state == TRANSMITTING and transport.producer is body
+    started.errback(Failure(ZeroDivisionError()))
+    assert results[0].check(RequestGenerationFailed)
+    assert results[0].value.reasons[0].check(ZeroDivisionError)
+    assert transport.disconnected and conn.state == CLOSING and transport.producer is None
+
+
+def test_close_idle_fires_when_idle_connections_are_gone(pool):
+    """When close_idle is called, idle connections close and its Deferred fires once they are lost."""
+    target = make_target()
+    for _ in range(2):
+        send(pool, target)
+    for conn, transport in pool.endpoint.connections:
+        conn.dataReceived(OK)
+    assert pool.idle_count(target) == 2 and pool.closeCachedConnections == pool.close_idle
+    done = []
+    pool.close_idle().addCallback(done.append)
+    assert pool.idle_count(target) == 0 and not done
+    for conn, transport in pool.endpoint.connections:
+        assert transport.disconnecting and conn.state == CLOSING
+        conn.connectionLost(Failure(ConnectionDone()))
+    assert done == [None]
 
 
 # Loopback: the same requests through Agent and FastAgent.
@@ -297,7 +518,7 @@ def test_idle_check_sees_a_peer_close_before_sending():
 @pytest_twisted.async_yield_fixture
 async def agents():
     agent_pool = HTTPConnectionPool(reactor, persistent=True)
-    fast_pool = UpstreamPool(reactor)
+    fast_pool = ConnectionPool(reactor)
     yield Agent(reactor, pool=agent_pool), FastAgent(reactor, fast_pool)
     await agent_pool.closeCachedConnections()
     await fast_pool.closeCachedConnections()
@@ -403,6 +624,27 @@ async def test_big_body_same_bytes(agents, site):
 
 
 @pytest_twisted.ensureDeferred
+async def test_pool_request_by_target_with_pairs_on_loopback(site):
+    """When the pool is given a Target and header pairs, twisted.web answers over one reused connection with its raw headers."""
+    port = site.port.getHost().port
+    target = Target(url="http://127.0.0.1:%d/base" % port, scheme=b"http", host=b"127.0.0.1",
+                    port=port, base_path=b"/base", host_header=b"127.0.0.1:%d" % port)
+    pool = ConnectionPool(reactor)
+    try:
+        for _ in range(3):
+            response = await within(pool.request(
+                target, b"GET", b"/base/fixed?x=1", [(b"accept", b"text/plain")]))
+            data, reason = await within(body_of(response).done)
+            assert (response.code, data, reason.type) == (200, b"fixed body\n" * 10, ResponseDone)
+            names = [name.lower() for name, value in response.raw_headers]
+            assert names.count(b"set-cookie") == 2
+            assert (b"X-Seen-Host", b"127.0.0.1:%d" % port) in response.raw_headers
+        assert site.connections == 1 and pool.idle_count(target) == 1
+    finally:
+        await pool.close_idle()
+
+
+@pytest_twisted.ensureDeferred
 async def test_sequential_requests_share_one_connection(agents, site):
     """When ten requests go one after another, the server sees one TCP connection."""
     for _ in range(10):
@@ -445,7 +687,7 @@ async def test_connection_closed_while_idle_is_not_used(agents):
         await fetch(agents[1], b"GET", server.url + b"/s")
         await within(defer.DeferredList([c.lost for c in list(server.open)]))
         await task.deferLater(reactor, 0.05)
-        assert agents[1].pool.idle_count(server.url) == 0
+        assert agents[1].pool.idle_count(agents[1].target_for(server.url)) == 0
         assert (await fetch(agents[1], b"GET", server.url + b"/s"))["code"] == 200
         assert server.connections == 2 and len(server.requests) == 2
     finally:
@@ -595,14 +837,14 @@ async def test_https_same_answer_as_agent_and_reused():
     url = b"https://127.0.0.1:%d" % site.port.getHost().port
     policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(cert_pem))
     agent_pool = HTTPConnectionPool(reactor, persistent=False)
-    fast_pool = UpstreamPool(reactor, tls_policy=policy)
+    fast_pool = ConnectionPool(reactor, tls_policy=policy)
     try:
         agent_result = await fetch(Agent(reactor, policy, pool=agent_pool), b"GET", url + b"/fixed")
         fast = FastAgent(reactor, fast_pool)
         for _ in range(3):
             assert await fetch(fast, b"GET", url + b"/fixed") == agent_result
         assert site.connections == 2
-        untrusting = FastAgent(reactor, UpstreamPool(reactor))
+        untrusting = FastAgent(reactor, ConnectionPool(reactor))
         with pytest.raises(ResponseNeverReceived):
             await fetch(untrusting, b"GET", url + b"/fixed")
     finally:

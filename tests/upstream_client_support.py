@@ -1,4 +1,4 @@
-"""Fixtures for tests/test_h1client.py: an in-memory endpoint, a body
+"""Fixtures for tests/test_upstream_client.py: an in-memory endpoint, a body
 collector, a twisted.web site and a scripted raw HTTP server on loopback."""
 
 import hashlib
