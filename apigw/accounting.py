@@ -41,6 +41,9 @@ class Accounting:
         self._clock = clock
         self._in_flight = 0
         self._drained = []
+        # Counted here and read by the gauge at scrape time, where it can.
+        self._gauge = None if metrics.in_flight_from(lambda: self._in_flight) \
+            else metrics.in_flight
 
     @property
     def in_flight(self):
@@ -49,7 +52,8 @@ class Accounting:
     def opened(self, request):
         """A counted request began: its Outcome, to be passed to closed()."""
         self._in_flight += 1
-        self._metrics.in_flight.inc()
+        if self._gauge is not None:
+            self._gauge.inc()
         return Outcome(request.request_id, request.method, request.uri, request.client_ip,
                        self._clock.seconds())
 
@@ -71,7 +75,8 @@ class Accounting:
             "bytes_sent": outcome.bytes_sent,
         })
         self._in_flight -= 1
-        self._metrics.in_flight.dec()
+        if self._gauge is not None:
+            self._gauge.dec()
         if self._in_flight == 0 and self._drained:
             waiters, self._drained = self._drained, []
             for d in waiters:

@@ -4,7 +4,9 @@ twisted.web's HTTPChannel already refuses smuggling shapes (Content-Length
 with Transfer-Encoding, duplicate lengths, bad chunk sizes, NUL or bare CR
 in headers). What it lacks for the front door: a deadline for the request
 head (a client trickling one byte a second defeats an idle timeout), a
-polite answer to over-long lines, and a cap on open connections.
+polite answer to over-long lines, and a cap on open connections. Its
+deadlines are checked by the site's watchdog (apigw.deadlines), not by a
+reactor timer per request.
 """
 
 from twisted.logger import Logger
@@ -18,7 +20,10 @@ class GatewayChannel(http.HTTPChannel):
     maxHeaders = 100
     totalHeadersSize = 32 * 1024
 
-    _head_timer = None
+    # When the current request head began (or the connection opened), or
+    # None once the head is in; when the connection last went idle.
+    _head_started = None
+    _idle_since = None
     _in_request = False
     _answered_early = False
 
@@ -26,8 +31,17 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionMade(self):
         super().connectionMade()
+        self._head_started = self.factory.clock.seconds()
         self.factory.connection_opened(self)
-        self._start_head_deadline()
+
+    _secure = None
+
+    def isSecure(self):
+        # Asked per request (X-Forwarded-Proto); adapting the transport to
+        # ISSLTransport each time is a zope lookup, and it never changes.
+        if self._secure is None:
+            self._secure = super().isSecure()
+        return self._secure
 
     def getHost(self):
         # Every request asks (twisted.web's Request.__init__); the local
@@ -40,18 +54,33 @@ class GatewayChannel(http.HTTPChannel):
     def dataReceived(self, data):
         # First bytes of the next request on a kept-alive connection: the
         # head must now arrive within the deadline, however slowly it trickles.
-        if self._head_timer is None and not self._in_request:
-            self._start_head_deadline()
+        if self._head_started is None and not self._in_request:
+            self._head_started = self.factory.clock.seconds()
+            self._idle_since = None
         super().dataReceived(data)
 
     def allHeadersReceived(self):
-        self._stop_head_deadline()
+        self._head_started = None
         self._in_request = True
         super().allHeadersReceived()
 
     def requestDone(self, request):
         self._in_request = False
+        self._idle_since = self.factory.clock.seconds()
         super().requestDone(request)
+
+    def check_deadline(self, now):
+        """The site's watchdog asks: drop a head that takes too long to
+        arrive (however slowly it trickles) and a keep-alive connection
+        idle for too long."""
+        factory = self.factory
+        if self._head_started is not None:
+            if now - self._head_started >= factory.header_timeout_s:
+                self._head_started = None
+                self._head_too_slow()
+        elif self._idle_since is not None and now - self._idle_since >= factory.idle_timeout_s:
+            self._idle_since = None
+            self.transport.loseConnection()
 
     def answer_early(self, request):
         """Process `request` before its body is in (it will only be refused
@@ -80,21 +109,11 @@ class GatewayChannel(http.HTTPChannel):
         self._reject(status)
 
     def connectionLost(self, reason):
-        self._stop_head_deadline()
+        self._head_started = self._idle_since = None
         self.factory.connection_closed(self)
         super().connectionLost(reason)
 
-    def _start_head_deadline(self):
-        self._head_timer = self.callLater(self.factory.header_timeout_s, self._head_too_slow)
-
-    def _stop_head_deadline(self):
-        if self._head_timer is not None:
-            if self._head_timer.active():
-                self._head_timer.cancel()
-            self._head_timer = None
-
     def _head_too_slow(self):
-        self._head_timer = None
         peer = self.transport.getPeer()
         log.info(
             "dropping {peer}: request head not complete within {timeout}s",

@@ -33,6 +33,7 @@ class Metrics:
     def __init__(self, registry=None, multiprocess_dir=None):
         """multiprocess_dir: PROMETHEUS_MULTIPROC_DIR of a worker; it must be
         in the environment before prometheus_client is first imported."""
+        self._multiprocess = multiprocess_dir is not None
         if multiprocess_dir is None:
             self.registry = registry if registry is not None else CollectorRegistry()
             r = self.registry
@@ -81,6 +82,15 @@ class Metrics:
             "gateway_config_reloads_total", "Configuration reloads by result",
             ["result"], registry=r,
         )
+
+    def in_flight_from(self, count):
+        """Have the in-flight gauge read `count()` at scrape time; False
+        where it cannot (worker processes share it through files), and the
+        caller must inc() and dec() it instead."""
+        if self._multiprocess:
+            return False
+        self.in_flight.set_function(count)
+        return True
 
     def observe_request(self, service, method, status, latency_s):
         """Count one finished request; label children are looked up once.

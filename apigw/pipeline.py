@@ -13,6 +13,7 @@ the request ends in one Outcome that `Accounting` records.
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
+from apigw.deadlines import Watchdog
 from apigw.errors import GatewayError, error_response
 from apigw.keys import AuthFailure, KeyStoreUnavailable
 from apigw.logs import redact
@@ -39,6 +40,9 @@ UPSTREAM_CUT_SHORT = 502
 class Pipeline:
     """Runs each request through its stages with the collaborators given."""
 
+    # How often stalled response bodies are looked for.
+    stall_check_interval_s = 0.1
+
     def __init__(self, authenticator, rate_limiting, forwarder, accounting, metrics, clock):
         self._authenticator = authenticator
         self._rate_limiting = rate_limiting
@@ -46,6 +50,7 @@ class Pipeline:
         self._accounting = accounting
         self._metrics = metrics
         self._clock = clock
+        self.watchdog = Watchdog(clock, self.stall_check_interval_s)
 
     def process(self, request):
         """Entry point for a parsed request (GatewayRequest.process)."""
@@ -93,7 +98,8 @@ class Pipeline:
             request, service, upstream_path, consumer, outcome)
         # relay
         ended = await relay(request, forwarded.response, limit_headers,
-                            request.site.date.now(), service.timeout_s, self._clock)
+                            request.site.date.now(), service.timeout_s, self._clock,
+                            self.watchdog)
         if ended == CUT_SHORT:
             # A connection failure of this target, too late to retry but not
             # too late to count.

@@ -19,7 +19,7 @@ CUT_SHORT = "cut_short"
 CLIENT_GONE = "client_gone"
 
 
-def relay(request, response, extra_headers, date, idle_timeout_s, clock):
+def relay(request, response, extra_headers, date, idle_timeout_s, clock, watchdog):
     """Stream `response` to the client; fires with how it ended (COMPLETE,
     CUT_SHORT or CLIENT_GONE) once the client has it all or is gone.
 
@@ -27,6 +27,7 @@ def relay(request, response, extra_headers, date, idle_timeout_s, clock):
     the Date value to add when the upstream sent none (RFC 9110 6.6.1). An
     upstream that goes quiet mid-body for idle_timeout_s is cut off, like
     nginx's proxy_read_timeout: nothing else would ever end that request.
+    `watchdog` (apigw.deadlines) checks that deadline.
     """
     code = response.code
     raw = getattr(response, "raw_headers", None)
@@ -54,7 +55,7 @@ def relay(request, response, extra_headers, date, idle_timeout_s, clock):
         # No body follows; let the pool have the connection back.
         response.deliverBody(_Discard(request, done))
         return done
-    response.deliverBody(_Relay(request, done, clock, idle_timeout_s))
+    response.deliverBody(_Relay(request, done, clock, idle_timeout_s, watchdog))
     return done
 
 
@@ -81,59 +82,54 @@ class _Relay(Protocol):
     our buffers, and the idle timer only runs while we are willing to read.
     """
 
-    def __init__(self, request, done, clock, idle_timeout_s):
+    def __init__(self, request, done, clock, idle_timeout_s, watchdog):
         self._request = request
         self._done = done
         self._clock = clock
         self._idle_timeout_s = idle_timeout_s
-        self._timer = None
+        self._watchdog = watchdog
+        # None while the client has paused us: a slow reader is not a
+        # stalled upstream.
+        self._deadline = None
 
     def connectionMade(self):
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(self._client_gone)
-        self._arm()
+        self._deadline = self._clock.seconds() + self._idle_timeout_s
+        self._watchdog.watch(self)
 
     def _client_gone(self, _):
         # The client left mid-body: stop reading from the upstream.
         self.stopProducing()
 
     def pauseProducing(self):
-        self._disarm()
+        self._deadline = None
         self.transport.pauseProducing()
 
     def resumeProducing(self):
         self.transport.resumeProducing()
-        self._arm()
+        self._deadline = self._clock.seconds() + self._idle_timeout_s
 
     def stopProducing(self):
-        self._disarm()
+        self._watchdog.forget(self)
         self.transport.stopProducing()
 
-    def _arm(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle_timeout_s)
-        else:
-            self._timer = self._clock.callLater(self._idle_timeout_s, self._stalled)
-
-    def _disarm(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _stalled(self):
-        self._timer = None
-        log.info("upstream body stalled for {timeout}s; cutting it off",
-                 timeout=self._idle_timeout_s)
-        self.transport.stopProducing()
+    def check_deadline(self, now):
+        if self._deadline is not None and now >= self._deadline:
+            self._watchdog.forget(self)
+            log.info("upstream body stalled for {timeout}s; cutting it off",
+                     timeout=self._idle_timeout_s)
+            self.transport.stopProducing()
 
     def dataReceived(self, data):
         request = self._request
         if not request.client_gone:
-            self._arm()
+            if self._deadline is not None:
+                self._deadline = self._clock.seconds() + self._idle_timeout_s
             request.write(data)
 
     def connectionLost(self, reason):
-        self._disarm()
+        self._watchdog.forget(self)
         request = self._request
         if request.client_gone:
             self._done.callback(CLIENT_GONE)

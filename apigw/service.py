@@ -207,6 +207,9 @@ class GatewayService(MultiService):
         # Responses just finished may still be in the sockets' buffers.
         await self._close_client_connections(
             max(1.0, grace_s - (self.clock.seconds() - started)))
+        self.pipeline.watchdog.stop()
+        for site in self.sites:
+            site.watchdog.stop()
         await self.forwarder.close()
         await self.rate_limiting.stop()
         await self.key_store.stop()

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 
 from apigw._twisted_compat import start_response
 from apigw.channel import ConnectionLimit, GatewayChannel
+from apigw.deadlines import Watchdog
 from apigw.errors import GetOnly, error_response, request_id_for
 
 log = Logger()
@@ -80,10 +81,14 @@ class GatewayRequest(server.Request):
             return
         super().handleContentChunk(data)
 
+    _client_ip = None
+
     @property
     def client_ip(self):
-        host = getattr(self.client, "host", None)
-        return host if host is not None else "unix"
+        if self._client_ip is None:
+            host = getattr(self.client, "host", None)
+            self._client_ip = host if host is not None else "unix"
+        return self._client_ip
 
     def process(self):
         site = self.channel.site
@@ -141,8 +146,13 @@ class GatewaySite(server.Site):
     idle_timeout_s = 60.0
     max_connections = 10000
 
+    # How often the watchdog checks every connection's deadlines.
+    deadline_check_interval_s = 0.25
+
     def __init__(self, resource, pipeline, clock, body_limit, **kwargs):
-        kwargs.setdefault("timeout", self.idle_timeout_s)
+        # No TimeoutMixin timers in the channels: the watchdog below does
+        # the idle timeout along with the head deadline.
+        kwargs.setdefault("timeout", None)
         # A gateway never needs a form body decoded: twisted.web would parse
         # one in the reactor thread before routing and auth.
         kwargs.setdefault("parsePOSTFormSubmission", False)
@@ -150,8 +160,10 @@ class GatewaySite(server.Site):
         self.pipeline = pipeline
         self.body_limit = body_limit
         self.draining = False
+        self.clock = clock
         self.date = HttpDate(clock)
         self.connections = ConnectionLimit(self.max_connections, clock)
+        self.watchdog = Watchdog(clock, self.deadline_check_interval_s)
         self._channels = set()
         self._all_closed = []
 
@@ -163,10 +175,12 @@ class GatewaySite(server.Site):
     def connection_opened(self, channel):
         self.connections.open += 1
         self._channels.add(channel)
+        self.watchdog.watch(channel)
 
     def connection_closed(self, channel):
         self.connections.open -= 1
         self._channels.discard(channel)
+        self.watchdog.forget(channel)
         if not self._channels and self._all_closed:
             waiters, self._all_closed = self._all_closed, []
             for d in waiters:

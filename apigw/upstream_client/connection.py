@@ -147,14 +147,14 @@ class UpstreamConnection(Protocol):
 
     # What the owner calls.
 
-    def alive(self):
-        """Whether this connection can take a request: quiescent, and the
-        peer's close (or stray bytes) not already waiting in the socket, the
-        stale keep-alive case caught before anything is sent."""
+    def alive(self, peek=True):
+        """Whether this connection can take a request: quiescent, and (with
+        `peek`) the peer's close (or stray bytes) not already waiting in the
+        socket, the stale keep-alive case caught before anything is sent."""
         if self.state is not QUIESCENT:
             return False
         sock = self._sock
-        if sock is None:
+        if sock is None or not peek:
             return True
         try:
             sock.recv(1, _PEEK)

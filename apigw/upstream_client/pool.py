@@ -42,6 +42,9 @@ from apigw.upstream_client.endpoints import EndpointMaker
 
 __all__ = ["ConnectionPool", "NotRetried"]
 
+# Idle longer than this, a connection's socket is checked for the peer's
+# close before reuse even when the request could be resent.
+_PEEK_AFTER_IDLE_S = 1.0
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # What would break the request line; other bytes go out exactly as given.
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
@@ -93,7 +96,7 @@ class ConnectionPool:
             return defer.fail()
         request = _Request(self, slot, target, method, path, headers, body_producer)
         d = request.d  # sending may already fire it
-        conn = slot.take()
+        conn = slot.take(request.why_not_resent() is None)
         if conn is None:
             slot.connect(request)
         else:
@@ -170,12 +173,21 @@ class _Slot:
         self.idle = []
         self.since = []
 
-    def take(self):
+    def take(self, resendable):
+        """The most recently idle connection that can take a request.
+
+        Asking the socket whether the peer closed costs a syscall per
+        request. A connection idle for under a second was very likely not
+        closed by its server meanwhile, and if it was, a request that may be
+        resent goes out again on a fresh connection (stale()): for those,
+        the check is skipped.
+        """
         idle = self.idle
+        now = self.pool._reactor.seconds()
         while idle:
             conn = idle.pop()
-            self.since.pop()
-            if conn.alive():
+            since = self.since.pop()
+            if conn.alive(peek=not resendable or now - since >= _PEEK_AFTER_IDLE_S):
                 return conn
             conn.abort()
         return None
@@ -270,16 +282,21 @@ class _Request:
             self.d = None
             d.errback(failure)
 
+    def why_not_resent(self):
+        """None when this request may go out again on a fresh connection,
+        else the reason it may not."""
+        producer = self.producer
+        if self.retried:
+            return "it was already a retry"
+        if producer is not None and not getattr(producer, "restartable", False):
+            return "its body cannot be sent again"
+        if self.method not in _IDEMPOTENT and not self._pool.retry_non_idempotent:
+            return f"{self.method.decode('ascii')} is not idempotent"
+        return None
+
     def stale(self, reason):
         """The reused connection closed before any response byte."""
-        producer = self.producer
-        why = None
-        if self.retried:
-            why = "it was already a retry"
-        elif producer is not None and not getattr(producer, "restartable", False):
-            why = "its body cannot be sent again"
-        elif self.method not in _IDEMPOTENT and not self._pool.retry_non_idempotent:
-            why = f"{self.method.decode('ascii')} is not idempotent"
+        why = self.why_not_resent()
         if why is None:
             self.retried = True
             self.reused = False
