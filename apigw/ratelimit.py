@@ -15,6 +15,8 @@ from twisted.python.failure import Failure
 
 from apigw.errors import GatewayError
 
+log = Logger()
+
 ALGORITHMS = ("fixed_window", "sliding_window")
 
 
@@ -192,6 +194,7 @@ end
 return {0, math.floor((budget - c * period) / period), reset, retry}
 """
 LUA_CHECK_SHA = hashlib.sha1(LUA_CHECK.encode("utf-8")).hexdigest()
+_LUA_CHECK_SHA_BYTES = LUA_CHECK_SHA.encode("ascii")
 
 
 class RedisLimiter:
@@ -210,6 +213,9 @@ class RedisLimiter:
         self._reactor = reactor
         self._factory = None
         self._next = 0
+        # Connection -> when its first unanswered timeout happened: a silent
+        # partition leaves the socket open for ever unless we close it.
+        self._silent_since = {}
 
     @property
     def connected(self):
@@ -229,9 +235,9 @@ class RedisLimiter:
         factory = txredisapi.RedisFactory(
             f"{self._url.host}:{self._url.port}", self._url.db, self._poolsize,
             isLazy=True, password=self._url.password,
-            # Aborts a connection that stopped answering (a silent partition)
-            # so it gets replaced; far above a healthy round trip.
-            replyTimeout=max(2.0, 20 * self._timeout_s),
+            # No timer per command: check() keeps the deadline, and
+            # _timed_out() replaces a connection that stopped answering.
+            replyTimeout=None,
         )
         # A limiter outage costs every request, so retry sooner than the
         # library's 10 s ceiling; a connect to a down server is cheap.
@@ -268,13 +274,36 @@ class RedisLimiter:
             redis = self._connection()
         except LimiterUnavailable:
             return defer.fail()
-        args = (limit, _period_ms(period_s), b"1" if algorithm == "sliding_window" else b"0")
-        key = self._prefix + bucket
-        d = redis.execute_command("EVALSHA", LUA_CHECK_SHA, 1, key, *args)
+        # Bytes throughout: txredisapi passes them through as they are.
+        args = (b"%d" % limit, b"%d" % _period_ms(period_s),
+                b"1" if algorithm == "sliding_window" else b"0")
+        key = (self._prefix + bucket).encode("utf-8")
+        d = redis.execute_command(b"EVALSHA", _LUA_CHECK_SHA_BYTES, b"1", key, *args)
         d.addErrback(self._load_script, redis, key, args)
         _add_patient_timeout(d, self._timeout_s, self._clock)
-        d.addCallbacks(_to_decision, self._unavailable, callbackArgs=(limit,))
+        d.addCallbacks(self._answered, self._unavailable,
+                       callbackArgs=(limit, redis), errbackArgs=(redis,))
         return d
+
+    # A connection whose commands have all timed out for this long is
+    # closed, so that txredisapi connects afresh.
+    silent_abort_s = 2.0
+
+    def _answered(self, reply, limit, redis):
+        if self._silent_since:
+            self._silent_since.pop(redis, None)
+        return _to_decision(reply, limit)
+
+    def _timed_out(self, redis):
+        now = self._clock.seconds()
+        since = self._silent_since.setdefault(redis, now)
+        if now - since >= self.silent_abort_s:
+            del self._silent_since[redis]
+            log.warn("Redis connection silent for {seconds}s; closing it to connect afresh",
+                     seconds=self.silent_abort_s)
+            transport = getattr(redis, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
 
     def _connection(self):
         # With reconnect on, txredisapi queues commands while disconnected and
@@ -293,13 +322,14 @@ class RedisLimiter:
         from txredisapi import ResponseError
 
         if failure.check(ResponseError) and str(failure.value).startswith("NOSCRIPT"):
-            return redis.execute_command("EVAL", LUA_CHECK, 1, key, *args)
+            return redis.execute_command(b"EVAL", LUA_CHECK, b"1", key, *args)
         return failure
 
-    def _unavailable(self, failure):
+    def _unavailable(self, failure, redis):
         if failure.check(defer.CancelledError, LimiterUnavailable):
             return failure  # cancelled: the client left, Redis is fine
         if failure.check(defer.TimeoutError):
+            self._timed_out(redis)
             raise LimiterUnavailable(f"no answer from Redis in {self._timeout_s} s")
         raise LimiterUnavailable(f"Redis failed: {failure.getErrorMessage()}")
 

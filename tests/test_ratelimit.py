@@ -2,6 +2,7 @@
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 
@@ -354,6 +355,36 @@ async def test_redis_that_stops_answering_times_out(redis_limiter_factory, priva
     finally:
         os.kill(private_redis.process.pid, signal.SIGCONT)
     assert (await limiter.check("h", 5, 60)).allowed
+
+
+def _connections_received(port):
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "stats"],
+                         capture_output=True, text=True, timeout=10).stdout
+    return int(next(line.split(":")[1] for line in out.splitlines()
+                    if line.startswith("total_connections_received:")))
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_connection_silent_too_long_is_replaced(redis_limiter_factory, private_redis):
+    """When Redis leaves its connections open but silent for longer than silent_abort_s, they are closed and fresh ones answer once it is back."""
+    private_redis.start()
+    limiter = redis_limiter_factory(url=private_redis.url, timeout_s=0.05)
+    limiter.silent_abort_s = 0.3
+    await wait_connected(limiter)
+    before = _connections_received(private_redis.port)
+    os.kill(private_redis.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 1.0:
+            with pytest.raises(LimiterUnavailable):
+                await limiter.check("s", 5, 60)
+            await sleep(0.05)
+    finally:
+        os.kill(private_redis.process.pid, signal.SIGCONT)
+    await wait_connected(limiter)
+    assert (await limiter.check("s", 5, 60)).allowed
+    # Both pooled connections were silent: both were replaced.
+    assert _connections_received(private_redis.port) >= before + 2
 
 
 @pytest_twisted.ensureDeferred
