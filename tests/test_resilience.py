@@ -251,8 +251,7 @@ async def test_retry_waits_backoff_on_the_reactor(upstreams, gateways):
     up = upstreams("a", script=[503], default=200)
     service, base, _ = await gateways(with_settings(
         service_yaml("svc", [up.url], retries=1), backoff_base=0.3, backoff_max=0.3
-    ))
-    service.forwarder._jitter = lambda: 1.0
+    ), jitter=lambda: 1.0)
     started = time.monotonic()
     slow = ensureDeferred(http("GET", base + "/svc/x"))
     await until(lambda: len(up.hits) == 1)
@@ -477,8 +476,7 @@ async def test_retry_goes_to_the_other_target(upstreams, gateways):
     b = upstreams("b", default=200)
     service, base, records = await gateways(with_settings(
         service_yaml("svc", [a.url, b.url], retries=1), backoff_base=0.3, backoff_max=0.3,
-    ))
-    service.forwarder._jitter = lambda: 1.0
+    ), jitter=lambda: 1.0)
     first = ensureDeferred(http("GET", base + "/svc/x"))
     assert await until(lambda: len(a.hits) == 1)
     # While the first request waits out its backoff, another takes b, so

@@ -1,0 +1,206 @@
+"""The request path in memory: a GatewaySite fed raw bytes over a
+StringTransport, an upstream client the test answers, and a Clock."""
+
+import tempfile
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+from twisted.web.client import ResponseDone
+import pytest
+
+from apigw.config import Environment, parse_config
+from apigw.deadlines import Watchdog
+from apigw.listener import Listener
+from apigw.service import GatewayService
+from apigw.web import GatewayRequest, HttpDate
+
+
+class FakeResponse:
+    """What the upstream client hands back, answered by the test."""
+
+    def __init__(self, code, body=b"", headers=()):
+        self.code = code
+        self.phrase = b"OK" if code == 200 else b"Service Unavailable"
+        self.raw_headers = [(b"Content-Length", b"%d" % len(body)), *headers]
+        self.length = len(body)
+        self._body = body
+
+    def deliverBody(self, protocol):
+        protocol.makeConnection(_Producer())
+        if self._body:
+            protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class _Producer:
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class FakeClient:
+    """The upstream client contract; each request waits for the test."""
+
+    def __init__(self):
+        self.requests = []
+
+    def request(self, target, method, path, header_pairs, body_producer=None):
+        d = defer.Deferred()
+        self.requests.append((target, method, path, dict(header_pairs), d))
+        return d
+
+    def close_idle(self):
+        return defer.succeed(None)
+
+
+def _service(yaml_text, clock, client, **kwargs):
+    env = Environment(database_url=f"sqlite:///{tempfile.mkdtemp()}/gw.db")
+    config = parse_config(yaml_text, "test.yaml", env)
+    return GatewayService(config, port="tcp:0", reactor=MemoryReactorClock(), clock=clock,
+                         client=client, **kwargs)
+
+
+def _connect(site):
+    channel = site.buildProtocol(IPv4Address("TCP", "10.0.0.7", 50000))
+    transport = StringTransport(hostAddress=IPv4Address("TCP", "10.0.0.1", 8000),
+                                peerAddress=IPv4Address("TCP", "10.0.0.7", 50000))
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_retry_waits_the_jittered_backoff_on_the_injected_clock():
+    """When the first attempt answers 503, the retry goes out only after the backoff on the clock, and the client gets the retry's answer."""
+    clock, client, records = Clock(), FakeClient(), []
+    service = _service(
+        "services:\n  svc:\n    url: http://127.0.0.1:9\n    auth: false\n"
+        "    rate_limit: null\n    retries: 1\n"
+        "settings:\n  backoff_base: 0.4\n  backoff_max: 0.4\n",
+        clock, client, jitter=lambda: 0.5)
+    service.access_log.record = records.append
+    channel, transport = _connect(service.site)
+    channel.dataReceived(b"GET /svc/a?b=%2F HTTP/1.1\r\nHost: gw\r\nX-Request-ID: r-1\r\n\r\n")
+    [(target, method, path, headers, first)] = client.requests
+    assert (method, path, headers[b"Host"]) == (b"GET", b"/a?b=%2F", b"127.0.0.1:9")
+    assert headers[b"X-Request-ID"] == b"r-1" and headers[b"X-Forwarded-For"] == b"10.0.0.7"
+    first.callback(FakeResponse(503))
+    clock.advance(0.19)
+    assert len(client.requests) == 1  # full jitter: 0.5 * 0.4 s
+    clock.advance(0.02)
+    assert len(client.requests) == 2
+    client.requests[1][4].callback(FakeResponse(200, b"hello"))
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nhello")
+    assert b"X-Request-ID: r-1\r\n" in answer
+    [record] = records
+    assert (record["service"], record["status"], record["attempts"]) == ("svc", 200, 2)
+    assert record["bytes_sent"] == 5
+
+
+def test_request_carries_no_state_written_by_other_modules():
+    """When a request goes through the whole pipeline, the request object holds only what twisted.web and the request itself set."""
+    clock, client = Clock(), FakeClient()
+    service = _service(
+        "services:\n  svc:\n    url: http://127.0.0.1:9\n    auth: false\n    rate_limit: 5\n",
+        clock, client)
+    made = []
+
+    class Recording(GatewayRequest):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    service.site.requestFactory = Recording
+    channel, transport = _connect(service.site)
+    channel.dataReceived(b"GET /svc/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    client.requests[0][4].callback(FakeResponse(200, b"ok"))
+    assert b"RateLimit-Remaining: 4" in transport.value()
+
+    # The same bytes through stock twisted.web: what it sets on a request.
+    stock = []
+
+    class Leaf(resource.Resource):
+        isLeaf = True
+
+        def render(self, request):
+            # The public calls the relay makes, so that what they set counts
+            # as twisted.web's own.
+            request.registerProducer(_Producer(), True)
+            request.unregisterProducer()
+            stock.append(request)
+            return b"ok"
+
+    plain = server.Site(Leaf())
+    plain_channel = plain.buildProtocol(None)
+    plain_channel.makeConnection(StringTransport())
+    plain_channel.dataReceived(b"GET /svc/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    twisted_names = set(vars(stock[0])) | set(dir(server.Request))
+    # Set by GatewayRequest itself, from what happens on its own connection.
+    own = {"request_id", "bytes_sent", "body_length", "client_gone", "_client_ip"}
+    assert set(vars(made[0])) - twisted_names <= own
+    assert set(vars(made[0])) - twisted_names
+
+
+def test_watchdog_fires_each_passed_deadline_once_within_its_interval():
+    """When a watched item's deadline passes, the watchdog tells it within one interval, and stops ticking once nothing is watched."""
+    clock = Clock()
+    watchdog = Watchdog(clock, 0.25)
+    fired = []
+
+    class Item:
+        def __init__(self, deadline):
+            self.deadline = deadline
+
+        def check_deadline(self, now):
+            if now >= self.deadline:
+                fired.append((self, now))
+                watchdog.forget(self)
+
+    soon, later = Item(1.0), Item(3.0)
+    watchdog.watch(soon)
+    watchdog.watch(later)
+    clock.advance(0.9)
+    assert fired == []
+    for _ in range(2):
+        clock.advance(0.25)
+    assert [item for item, _ in fired] == [soon] and fired[0][1] <= 1.25
+    watchdog.forget(later)
+    clock.advance(0.25)
+    assert clock.getDelayedCalls() == []
+
+
+def test_http_date_is_formatted_once_per_second():
+    """When asked many times within a second, the Date value is the same object; a new second gives a new value."""
+    clock = Clock()
+    clock.advance(1_700_000_000.2)
+    date = HttpDate(clock)
+    first = date.now()
+    clock.advance(0.5)
+    assert date.now() is first and first == b"Tue, 14 Nov 2023 22:13:20 GMT"
+    clock.advance(0.5)
+    assert date.now() == b"Tue, 14 Nov 2023 22:13:21 GMT"
+
+
+def test_listener_that_cannot_bind_raises_from_start_service():
+    """When the port is taken, starting the listener raises at once (twistd then stops with the error)."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    try:
+        listener = Listener(f"tcp:{taken.getHost().port}:interface=127.0.0.1", Factory(),
+                            reactor)
+        with pytest.raises(CannotListenError):
+            listener.startService()
+        assert listener.port is None
+    finally:
+        taken.stopListening()
