@@ -39,8 +39,15 @@ def forwarded_path(uri, service):
     return upstream + sep + query
 
 
+# Spellings of "." and "/" that some upstream decodes to them: overlong
+# UTF-8 (Java's old decoders, some proxies) and full-width forms (servers
+# that normalise Unicode, NFKC).
+_DOT_LOOKALIKES = (b"\xc0\xae", b"\xe0\x80\xae", b"\xef\xbc\x8e")
+_SLASH_LOOKALIKES = (b"\xc0\xaf", b"\xe0\x80\xaf", b"\xef\xbc\x8f", b"\\")
+
+
 def _stays_inside(rest):
-    if b"." not in rest and b"%" not in rest:
+    if b"." not in rest and b"%" not in rest and b";" not in rest:
         return True
     # Decoded until stable: an upstream that decodes once more must not
     # find a dot-segment we missed (%252e%252e).
@@ -50,9 +57,18 @@ def _stays_inside(rest):
         if again == decoded:
             break
         decoded = again
-    decoded = decoded.replace(b"\\", b"/")
+    if b"\x00" in decoded:
+        # No path needs a NUL; C-based upstreams end the string there
+        # ("..%00" is "..").
+        return False
+    for lookalike in _DOT_LOOKALIKES:
+        decoded = decoded.replace(lookalike, b".")
+    for lookalike in _SLASH_LOOKALIKES:
+        decoded = decoded.replace(lookalike, b"/")
     depth = 0
     for segment in decoded.split(b"/"):
+        # Path parameters: Tomcat and Jetty read "..;x" as "..".
+        segment = segment.split(b";", 1)[0]
         if segment == b"..":
             depth -= 1
             if depth < 0:

@@ -169,4 +169,14 @@ def _refusal(request):
         # Absolute-form targets ask for forward proxying; refuse rather
         # than guess which host was meant.
         return 400, "the request target must be a path starting with /"
+    if b"#" in request.uri:
+        # A fragment never goes on the wire; one that does is a parser
+        # differential waiting to happen between us and the upstream.
+        return 400, "the request target must not contain '#'"
+    hosts = request.requestHeaders.getRawHeaders(b"host")
+    if hosts is None:
+        if request.clientproto == b"HTTP/1.1":
+            return 400, "an HTTP/1.1 request needs a Host header"  # RFC 9112 3.2
+    elif len(hosts) > 1 or b"," in hosts[0]:
+        return 400, "the request has more than one Host"
     return None

@@ -56,6 +56,13 @@ HOSTILE = {
     "DEL in the path": (b"GET /pub/a\x7fb?x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"400"),
     "space before colon": (b"GET /pub/x HTTP/1.1\r\nHost: x\r\nX-A : b\r\n\r\n", b"400"),
     "HTTP/0.9 request": (b"GET /pub/x\r\n\r\n", b"400"),
+    "HTTP/1.1 without Host": (b"GET /pub/x HTTP/1.1\r\nConnection: close\r\n\r\n", b"400"),
+    "two Host headers": (
+        b"GET /pub/x HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n", b"400"),
+    "two hosts in one Host header": (
+        b"GET /pub/x HTTP/1.1\r\nHost: a, b\r\nConnection: close\r\n\r\n", b"400"),
+    "raw # in the target": (
+        b"GET /pub/x#/../../admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"400"),
     "unknown HTTP version": (b"GET /pub/x HTTP/9.9\r\nHost: x\r\n\r\n", b"400"),
 }
 

@@ -149,6 +149,11 @@ async def test_request_id_kept_when_safe_replaced_otherwise(gateway, upstream):
 @pytest.mark.parametrize("path", [
     "/pub/../admin", "/pub/%2e%2e/admin", "/pub/%2E%2e/metrics", "/pub/a/../../x",
     "/pub/..%2fadmin", "/pub/..%5cadmin", "/pub/%252e%252e/admin", "/nostrip/../x",
+    # Spellings some upstreams read as "..": path parameters (Tomcat, Jetty),
+    # a NUL, overlong UTF-8 and full-width dots, a full-width solidus.
+    "/pub/..;/admin", "/pub/..;jsessionid=1/admin", "/pub/%2e%2e;x/admin", "/pub/..%00/admin",
+    "/pub/%c0%ae%c0%ae/admin", "/pub/%ef%bc%8e%ef%bc%8e/admin", "/pub/..%ef%bc%8fadmin",
+    "/pub/%00",
 ])
 @pytest_twisted.ensureDeferred
 async def test_dot_segments_cannot_escape_the_service(gateway, upstream, path):
