@@ -36,3 +36,16 @@ def clear_exit_signal(reactor, signum=signal.SIGTERM):
     """
     if getattr(reactor, "_exitSignal", None) == signum:
         reactor._exitSignal = None
+
+
+def request_line(channel):
+    """The (method, target, version) of the request an HTTPChannel is
+    reading, from the moment its headers are in.
+
+    HTTPChannel hands them to the Request only in allContentReceived(),
+    after the whole body; a request answered before its body arrives needs
+    them sooner. Relies on the channel's private `_command`, `_path` and
+    `_version`, set from the request line and deleted in
+    allContentReceived().
+    """
+    return channel._command, channel._path, channel._version

@@ -15,7 +15,7 @@ from twisted.scripts.twistd import ServerOptions
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from apigw._twisted_compat import clear_exit_signal, start_response
+from apigw._twisted_compat import clear_exit_signal, request_line, start_response
 
 
 def _channel(site):
@@ -91,3 +91,35 @@ def test_clear_exit_signal_leaves_twistd_nothing_to_reraise():
         runner.startReactor(_SigtermedReactor(clear), sys.stdout, sys.stderr)
         # What twisted.scripts.twistd.runApp re-raises with _exitWithSignal.
         assert runner._exitSignal == recorded
+
+
+# --- request_line ---------------------------------------------------------------
+
+class _AnsweredOnHeaders(http.Request):
+    """Reads the request line as GatewayChannel.answer_early does: when the
+    declared length is known, before any of the body."""
+
+    line = None
+    drop_expect = True
+
+    def gotLength(self, length):
+        self.line = request_line(self.channel)
+        if self.drop_expect:
+            self.requestHeaders.removeHeader(b"expect")
+        super().gotLength(length)
+
+
+def test_request_line_is_known_when_the_length_is():
+    """When gotLength() runs, the channel holds the parsed request line, and
+    it reads Expect: 100-continue only afterwards (so a request refused there
+    can go without the invitation)."""
+    for drop_expect, written in [(True, b""), (False, b"HTTP/1.1 100 Continue\r\n\r\n")]:
+        clock = MemoryReactorClock()
+        site = server.Site(Resource(), reactor=clock)
+        site.requestFactory = type("R", (_AnsweredOnHeaders,), {"drop_expect": drop_expect})
+        channel, transport = _channel(site)
+        channel.dataReceived(b"POST /up/load?x=1 HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: 9\r\nExpect: 100-continue\r\n\r\n")
+        (request,) = channel.requests
+        assert request.line == (b"POST", b"/up/load?x=1", b"HTTP/1.1")
+        assert transport.value() == written
