@@ -4,10 +4,14 @@ A Twisted release that renames or reworks what one of them leans on fails
 here, under the function's name, before anything in the request path.
 """
 
+import os
 import signal
+import socket
+import stat
 import sys
 
 from twisted.application import app
+from twisted.internet import protocol, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.base import ReactorBase
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -16,6 +20,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from apigw._twisted_compat import clear_exit_signal, request_line, start_response
+from apigw.worker import InheritedSocketEndpoint, _InheritedTCPPort, _InheritedUNIXPort
 
 
 def _channel(site):
@@ -123,3 +128,117 @@ def test_request_line_is_known_when_the_length_is():
         (request,) = channel.requests
         assert request.line == (b"POST", b"/up/load?x=1", b"HTTP/1.1")
         assert transport.value() == written
+
+
+# --- adopt_listening_port, listen_on_adopted_unix_socket -----------------------
+# Through the worker's own endpoint, which calls both.
+
+class _Accepted(protocol.Factory):
+    protocol = protocol.Protocol
+
+    def __init__(self):
+        self.transports = []
+
+    def buildProtocol(self, addr):
+        p = super().buildProtocol(addr)
+        p.connectionMade = lambda: self.transports.append(p.transport)
+        return p
+
+    def close_all(self):
+        for transport in self.transports:
+            transport.getHandle().close()
+
+
+def _adopt(family, address, description):
+    """Bind and listen like the supervisor, then adopt like a worker."""
+    owner = socket.socket(family, socket.SOCK_STREAM)
+    owner.bind(address)
+    if family == socket.AF_UNIX:
+        os.chmod(address, 0o600)  # not unix.Port's default of 0o666
+    owner.listen(16)
+    owner.setblocking(False)
+    clock = MemoryReactorClock()
+    factory = _Accepted()
+    endpoint = InheritedSocketEndpoint(clock, description, os.dup(owner.fileno()))
+    ports = []
+    endpoint.listen(factory).addCallback(ports.append)
+    return owner, clock, factory, ports[0]
+
+
+def _connect(family, address):
+    client = socket.socket(family, socket.SOCK_STREAM)
+    client.settimeout(5)
+    client.connect(address)
+    return client
+
+
+def _still_accepting(owner):
+    """The supervisor's socket takes a new connection after the port closed."""
+    client = _connect(owner.family, owner.getsockname())
+    try:
+        owner.setblocking(True)
+        owner.settimeout(5)
+        accepted, _ = owner.accept()
+        accepted.close()
+        return True
+    finally:
+        client.close()
+
+
+def test_adopted_tcp_port_accepts_one_per_wakeup_and_leaves_the_socket():
+    """When a worker adopts the supervisor's TCP socket, the port is its own
+    class over that very socket, takes one connection per wakeup, and closing
+    it neither shuts the socket down nor stops it accepting."""
+    owner, clock, factory, port = _adopt(
+        socket.AF_INET, ("127.0.0.1", 0), "tcp:0:interface=127.0.0.1")
+    clients = []
+    try:
+        assert type(port) is _InheritedTCPPort
+        assert port.getHost().port == owner.getsockname()[1]
+        clients = [_connect(socket.AF_INET, owner.getsockname()) for _ in range(3)]
+        port.doRead()
+        assert len(factory.transports) == 1
+        port.doRead()
+        assert len(factory.transports) == 2
+        port.stopListening()
+        clock.advance(0)
+        assert _still_accepting(owner)
+    finally:
+        factory.close_all()
+        for client in clients:
+            client.close()
+        owner.close()
+
+
+def test_adopted_unix_port_leaves_path_mode_and_socket_to_their_owner(tmp_path, monkeypatch):
+    """When a worker adopts the supervisor's UNIX socket, the port reserves the
+    descriptor it sheds clients with on EMFILE, takes one connection per wakeup,
+    makes no lock file, does not chmod the path, and closing it removes nothing
+    and leaves the socket accepting."""
+    # A reservation of this test's own, so that one made earlier elsewhere
+    # cannot stand in for the port's.
+    reservation = tcp._FileDescriptorReservation(lambda: open(os.devnull))
+    monkeypatch.setattr(tcp, "_reservedFD", reservation)
+    path = str(tmp_path / "gw.sock")
+    owner, clock, factory, port = _adopt(socket.AF_UNIX, path, f"unix:{path}")
+    clients = []
+    try:
+        assert reservation.available()
+        assert type(port) is _InheritedUNIXPort
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert not os.path.exists(path + ".lock")
+        clients = [_connect(socket.AF_UNIX, path) for _ in range(2)]
+        port.doRead()
+        assert len(factory.transports) == 1
+        port.stopListening()
+        clock.advance(0)
+        assert os.path.exists(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert _still_accepting(owner)
+    finally:
+        factory.close_all()
+        for client in clients:
+            client.close()
+        owner.close()
+        if reservation.available():
+            reservation.__enter__()  # closes the reserved file
