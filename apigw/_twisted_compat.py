@@ -6,6 +6,9 @@ name, instead of somewhere in the request path.
 """
 
 import signal
+import socket
+
+from twisted.internet import tcp
 
 
 def start_response(request, code, phrase, header_lines, chunked):
@@ -36,3 +39,54 @@ def clear_exit_signal(reactor, signum=signal.SIGTERM):
     """
     if getattr(reactor, "_exitSignal", None) == signum:
         reactor._exitSignal = None
+
+
+def request_line(channel):
+    """The (method, target, version) of the request an HTTPChannel is
+    reading, from the moment its headers are in.
+
+    HTTPChannel hands them to the Request only in allContentReceived(),
+    after the whole body; a request answered before its body arrives needs
+    them sooner. Relies on the channel's private `_command`, `_path` and
+    `_version`, set from the request line and deleted in
+    allContentReceived().
+    """
+    return channel._command, channel._path, channel._version
+
+
+def adopt_listening_port(port_class, reactor, fd, family, factory):
+    """A `port_class` over the listening socket `fd`, not yet listening:
+    what reactor.adoptStreamPort() builds, for a subclass of tcp.Port or
+    unix.Port (adoptStreamPort only builds the stock classes).
+
+    Relies on the private classmethod `_fromListeningDescriptor` that
+    adoptStreamPort calls (tcp.Port's takes the address family, unix.Port's
+    does not), which duplicates `fd` and builds an instance of the class it
+    is called on; and on startListening() then taking that socket instead
+    of binding one.
+    """
+    if family == socket.AF_UNIX:
+        return port_class._fromListeningDescriptor(reactor, fd, factory)
+    return port_class._fromListeningDescriptor(reactor, fd, family, factory)
+
+
+def listen_on_adopted_unix_socket(port):
+    """unix.Port.startListening() for a port from adopt_listening_port(),
+    leaving the socket as its owner made it: no lock file, no chmod of
+    its path, and, as tcp.Port does for an adopted socket, no shutdown()
+    when the port closes (that would stop the socket in every process
+    sharing it).
+
+    Relies on unix.Port.startListening()'s steps and the private names
+    they use: tcp's `_reservedFD` (the spare descriptor that lets a port
+    shed clients on EMFILE), the port's `_preexistingSocket` and
+    `_shouldShutdown`; and on `socket`, `fileno` and `connected` being what
+    the port's doRead() and connectionLost() use.
+    """
+    tcp._reservedFD.reserve()
+    port._shouldShutdown = False
+    port.factory.doStart()
+    port.socket, port._preexistingSocket = port._preexistingSocket, None
+    port.connected = True
+    port.fileno = port.socket.fileno
+    port.startReading()

@@ -12,6 +12,8 @@ reactor timer per request.
 from twisted.logger import Logger
 from twisted.web import http
 
+from apigw._twisted_compat import request_line
+
 log = Logger()
 
 
@@ -89,20 +91,21 @@ class GatewayChannel(http.HTTPChannel):
         self._answered_early = True
         self.persistent = False
         request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        # HTTPChannel looks for Expect: 100-continue after gotLength(), where
+        # a declared length is refused: no invitation to upload it.
+        request.requestHeaders.removeHeader(b"expect")
         self.dataReceived = lambda data: None
-        request.requestReceived(self._command, self._path, self._version)
+        request.requestReceived(*request_line(self))
 
     def allContentReceived(self):
         if not self._answered_early:  # else already handed to the request
             super().allContentReceived()
 
-    def _send100Continue(self):
-        if not self._answered_early:  # no invitation to upload what we refused
-            super()._send100Continue()
-
     def lineLengthExceeded(self, line):
         # HTTPChannel would just close; tell the client what was too long.
-        if self._receivedHeaderSize == 0 and not self._in_request:
+        # It queues a Request once a request line is in, and drops it when
+        # answered: an empty queue means the request line is what overflowed.
+        if not self.requests:
             status = b"414 URI Too Long"
         else:
             status = b"431 Request Header Fields Too Large"

@@ -58,15 +58,29 @@ class _QuietConnection(adbapi.Connection):
     original error still reaches the caller.
     """
 
+    def __init__(self, pool):
+        # The pool passes itself to its connectionFactory; adbapi keeps it,
+        # and the DB-API connection, under private names, so we keep ours.
+        self.owner_pool = pool
+        self.dbapi_connection = None
+        super().__init__(pool)
+
+    def reconnect(self):
+        # Every (re)connection of the wrapper goes through here; right after
+        # it, connect() in this pool thread returns the connection just made.
+        super().reconnect()
+        self.dbapi_connection = self.owner_pool.connect()
+
     def rollback(self):
+        pool, connection = self.owner_pool, self.dbapi_connection
         try:
-            self._connection.rollback()
-            cursor = self._connection.cursor()
-            cursor.execute(self._pool.good_sql)
+            connection.rollback()
+            cursor = connection.cursor()
+            cursor.execute(pool.good_sql)
             cursor.close()
-            self._connection.commit()
+            connection.commit()
         except Exception:
-            self._pool.disconnect(self._connection)
+            pool.disconnect(connection)
 
 
 class KeyStoreUnavailable(Exception):

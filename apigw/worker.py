@@ -25,6 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from zope.interface import implementer
 
+from apigw._twisted_compat import adopt_listening_port, listen_on_adopted_unix_socket
 from apigw.tap import Options
 
 log = Logger(namespace="apigw.worker")
@@ -120,13 +121,10 @@ class _Adopting:
     def _adopt(self, factory):
         with socket.socket(fileno=os.dup(self._fd)) as probe:
             family = probe.family
-        # reactor.adoptStreamPort's own steps, with the port classes below.
-        if family == socket.AF_UNIX:
-            port = _InheritedUNIXPort._fromListeningDescriptor(self._reactor, self._fd, factory)
-        else:
-            port = _InheritedTCPPort._fromListeningDescriptor(
-                self._reactor, self._fd, family, factory
-            )
+        # reactor.adoptStreamPort's own steps, with the port classes below
+        # (it only builds Twisted's own).
+        port_class = _InheritedUNIXPort if family == socket.AF_UNIX else _InheritedTCPPort
+        port = adopt_listening_port(port_class, self._reactor, self._fd, family, factory)
         port.startListening()
         # The port holds a duplicate; once it stops listening no descriptor
         # of ours may keep the socket accepting into a queue nobody reads.
@@ -152,17 +150,10 @@ class _InheritedUNIXPort(_OneAcceptPerWakeup, unix.Port):
     """The supervisor owns the socket's path, mode and lock file."""
 
     def startListening(self):
-        # unix.Port.startListening without the lock file and the chmod (the
-        # supervisor set the mode, and under --uid a worker may not chmod a
-        # file root made), and, as tcp.Port does for adopted sockets, without
-        # shutdown() at the end: that would stop the socket for every worker.
-        tcp._reservedFD.reserve()
-        self._shouldShutdown = False
-        self.factory.doStart()
-        self.socket, self._preexistingSocket = self._preexistingSocket, None
-        self.connected = True
-        self.fileno = self.socket.fileno
-        self.startReading()
+        # Not unix.Port's: the supervisor set the mode, and under --uid a
+        # worker may not chmod a file root made; and a shutdown() when this
+        # port closes would stop the socket for every worker.
+        listen_on_adopted_unix_socket(self)
 
     def connectionLost(self, reason):
         # The path belongs to the supervisor: other workers still accept on

@@ -5,13 +5,15 @@ import sqlite3
 
 import psycopg2
 import pytest_twisted
+from twisted.enterprise import adbapi
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from apigw.config import parse_database_url
 from apigw.keys import (
     KEY_SHAPE, SCHEMA_VERSION, AuthFailure, Authenticator, KeyStore, KeyStoreUnavailable,
-    SchemaTooNew, hash_key,
+    SchemaTooNew, _QuietConnection, hash_key,
 )
 from keys_support import (  # noqa: F401 (fixtures)
     T0, clock, database_url, make_authenticator, pg_database, store,
@@ -162,6 +164,63 @@ async def test_unreadable_sqlite_is_unavailable(tmp_path, clock):
     assert isinstance(await failure_of(s.lookup_by_hash("0" * 64)), KeyStoreUnavailable)
     assert isinstance(await failure_of(s.ping()), KeyStoreUnavailable)
     await s.stop()
+
+
+# --- the quiet connection over adbapi -----------------------------------------
+
+def _sqlite_pool(tmp_path):
+    # cp_reconnect off: a dead connection left in the pool fails the next
+    # interaction instead of being replaced behind the test's back.
+    pool = adbapi.ConnectionPool(
+        "sqlite3", str(tmp_path / "q.db"), check_same_thread=False,
+        cp_min=1, cp_max=1, cp_reconnect=False, cp_reactor=reactor, cp_noisy=False,
+    )
+    pool.connectionFactory = _QuietConnection
+    pool.start()
+    return pool
+
+
+def _fail_after(statement, close=False):
+    def interaction(txn):
+        txn.execute(statement)
+        if close:
+            txn.connection.close()  # the DB-API connection under the cursor
+        raise RuntimeError("the interaction fails")
+    return interaction
+
+
+@pytest_twisted.ensureDeferred
+async def test_quiet_connection_rolls_back_the_connection_the_interaction_used(tmp_path):
+    """When an interaction fails, its work is rolled back on its own connection,
+    which the pool keeps."""
+    pool = _sqlite_pool(tmp_path)
+    try:
+        await pool.runOperation("CREATE TABLE t (x INTEGER)")
+        used = await pool.runInteraction(lambda txn: txn.connection)
+        await failure_of(pool.runInteraction(_fail_after("INSERT INTO t VALUES (1)")))
+        assert await pool.runQuery("SELECT count(*) FROM t") == [(0,)]
+        assert await pool.runInteraction(lambda txn: txn.connection) is used
+    finally:
+        pool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_quiet_connection_drops_a_dead_connection_without_a_traceback(tmp_path):
+    """When the connection of a failed interaction cannot roll back, it is
+    dropped with nothing logged, and the next interaction gets a new one."""
+    pool = _sqlite_pool(tmp_path)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        dead = await pool.runInteraction(lambda txn: txn.connection)
+        error = await failure_of(pool.runInteraction(_fail_after("SELECT 1", close=True)))
+        assert isinstance(error, RuntimeError)  # the interaction's own error
+        assert await pool.runQuery("SELECT 1") == [(1,)]
+        assert await pool.runInteraction(lambda txn: txn.connection) is not dead
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        pool.close()
+    assert not [e for e in events if e.get("log_failure") or e.get("isError")]
 
 
 # --- authenticator over a real store -------------------------------------------
