@@ -14,12 +14,16 @@ HOP_BY_HOP = frozenset({
 # Never forwarded upstream: set by us (request id, Host, forwarding and
 # consumer headers a client could otherwise forge), computed by the client
 # library (Content-Length), or secret (the API key, and the master key that
-# a careless admin script may send along to every path).
+# a careless admin script may send along to every path). Identity and
+# forwarding headers other gateways set (Forwarded, X-Real-IP, Kong's
+# X-Consumer-*/X-Credential-*) go too: an upstream may trust them.
 _NOT_FORWARDED = HOP_BY_HOP | {
     b"host", b"content-length", b"x-api-key", b"x-master-key", b"x-request-id", b"expect",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix",
-    b"x-consumer-id", b"x-consumer-username",
+    b"x-forwarded-port", b"x-forwarded-server", b"forwarded", b"x-real-ip",
+    b"x-client-ip", b"true-client-ip",
 }
+_NOT_FORWARDED_PREFIXES = (b"proxy-", b"x-consumer-", b"x-credential-", b"x-anonymous-")
 
 # Ours to set on the way back: the request id, and framing the client's
 # connection does its own way.
@@ -47,7 +51,10 @@ def upstream_header_pairs(request_headers, client_ip, secure, request_id, servic
     forwarded_host = None
     for name, values in request_headers.getAllRawHeaders():
         lower = name.lower()
-        if lower in _NOT_FORWARDED or lower in listed or lower.startswith(b"proxy-"):
+        # A name with "_" becomes the same CGI/WSGI variable as its "-"
+        # twin (X_Consumer_ID -> HTTP_X_CONSUMER_ID): nginx drops them too.
+        if lower in _NOT_FORWARDED or lower in listed or b"_" in lower \
+                or lower.startswith(_NOT_FORWARDED_PREFIXES):
             if lower == b"x-forwarded-for":
                 forwarded_for.extend(values)
             elif lower == b"host" and forwarded_host is None:

@@ -125,6 +125,26 @@ async def test_forwarding_headers(gateway, upstream):
 
 
 @pytest_twisted.ensureDeferred
+async def test_spoofable_and_underscore_headers_never_reach_the_upstream(gateway, upstream):
+    """When a client sends identity or forwarding headers an upstream may trust, or names with '_' that CGI/WSGI read as their '-' twins, none reaches the upstream."""
+    port = int(gateway.rsplit(":", 1)[1])
+    forged = [
+        b"X_Consumer_ID: admin-id", b"Transfer_Encoding: chunked", b"X_Forwarded_For: 10.0.0.1",
+        b"Forwarded: for=10.0.0.1;proto=https", b"X-Real-IP: 10.0.0.1",
+        b"X-Forwarded-Port: 443", b"X-Consumer-Groups: admins", b"X-Consumer-Custom-ID: 1",
+        b"X-Credential-Identifier: admin", b"X-Anonymous-Consumer: false",
+        b"True-Client-IP: 10.0.0.1",
+    ]
+    await raw_exchange(port, b"GET /pub/x HTTP/1.1\r\nHost: gw\r\n" + b"".join(
+        line + b"\r\n" for line in forged) + b"X-Kept: yes\r\nConnection: close\r\n\r\n")
+    seen = upstream.requests[-1]["headers"]
+    assert seen["x-kept"] == ["yes"]
+    for line in forged:
+        assert line.split(b":")[0].decode().lower() not in seen, line
+    assert seen["x-forwarded-for"] == ["127.0.0.1"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_response_hop_by_hop_headers_dropped(gateway, upstream):
     """When the upstream answers with hop-by-hop headers, the client does not get them."""
     reply = await http("GET", gateway + "/pub/hop")
