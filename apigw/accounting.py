@@ -73,6 +73,8 @@ class Accounting:
             "client_ip": outcome.client_ip,
             "consumer": consumer.owner if consumer is not None else None,
             "bytes_sent": outcome.bytes_sent,
+            # What went wrong that the status does not say (a body cut short).
+            "error": outcome.error,
         })
         self._in_flight -= 1
         if self._gauge is not None:

@@ -15,7 +15,7 @@ from apigw.keys import KEY_MARK
 
 ACCESS_FIELDS = (
     "request_id", "method", "path", "service", "status", "latency_ms",
-    "upstream_latency_ms", "attempts", "client_ip", "consumer", "bytes_sent",
+    "upstream_latency_ms", "attempts", "client_ip", "consumer", "bytes_sent", "error",
 )
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))

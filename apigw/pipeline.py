@@ -18,7 +18,7 @@ from apigw.errors import GatewayError, error_response
 from apigw.keys import AuthFailure, KeyStoreUnavailable
 from apigw.logs import redact
 from apigw.paths import forwarded_path
-from apigw.relay import CUT_SHORT, relay
+from apigw.relay import CUT_SHORT, FAILED, relay
 
 log = Logger()
 
@@ -32,9 +32,8 @@ REFUSED_METHODS = frozenset({b"CONNECT", b"TRACE"})
 # RFC 9110 wants a challenge on every 401.
 CHALLENGE = b'APIKey realm="apigw", header="X-API-Key"'
 
-# Statuses for requests that ended without an answer of their own.
+# The status of a request whose client left before its answer was out.
 CLIENT_CLOSED = 499
-UPSTREAM_CUT_SHORT = 502
 
 
 class Pipeline:
@@ -100,10 +99,12 @@ class Pipeline:
         ended = await relay(request, forwarded.response, limit_headers,
                             request.site.date.now(), service.timeout_s, self._clock,
                             self.watchdog)
-        if ended == CUT_SHORT:
+        if ended == FAILED or ended == CUT_SHORT:
             # A connection failure of this target, too late to retry but not
             # too late to count.
             forwarded.breaker.record_failure()
+            if ended == FAILED:
+                raise GatewayError(502, f"upstream {service.name} sent a malformed response")
             outcome.error = "upstream body cut short"
         return ended
 
@@ -125,9 +126,8 @@ class Pipeline:
                 503, "the key store is unavailable; try again shortly") from None
 
     def _journey_ended(self, result, request, outcome):
-        status = None
         if isinstance(result, str):
-            status = UPSTREAM_CUT_SHORT if result == CUT_SHORT else None
+            pass  # relayed: the client saw the upstream's status
         elif result.check(CancelledError) and request.client_gone:
             pass
         elif result.check(GatewayError):
@@ -139,7 +139,7 @@ class Pipeline:
             log.failure("proxying {uri}", result, uri=redact(request.uri.decode("latin-1")))
             request.add_own_headers()
             error_response(request, 500, "internal gateway error")
-        self._close(request, outcome, status)
+        self._close(request, outcome)
 
     def _render(self, request, resource):
         request.add_own_headers()
@@ -153,10 +153,9 @@ class Pipeline:
     def _rendered(self, result, request, outcome):
         self._close(request, outcome)
 
-    def _close(self, request, outcome, status=None):
-        if status is None:
-            status = request.code if request.finished else CLIENT_CLOSED
-        outcome.status = status
+    def _close(self, request, outcome):
+        # What the client saw; a body cut short says so in outcome.error.
+        outcome.status = request.code if request.finished or outcome.error else CLIENT_CLOSED
         outcome.bytes_sent = request.bytes_sent
         self._accounting.closed(outcome)
 

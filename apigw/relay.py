@@ -13,6 +13,9 @@ from apigw.headers import response_header_pairs
 log = Logger()
 
 COMPLETE = "complete"
+# The upstream's answer broke before anything of it reached the client: the
+# client can still be told so in an answer of the gateway's own.
+FAILED = "failed"
 # The upstream died mid-body: the client got a truncated answer.
 CUT_SHORT = "cut_short"
 # The client left before the whole body reached it.
@@ -21,7 +24,11 @@ CLIENT_GONE = "client_gone"
 
 def relay(request, response, extra_headers, date, idle_timeout_s, clock, watchdog):
     """Stream `response` to the client; fires with how it ended (COMPLETE,
-    CUT_SHORT or CLIENT_GONE) once the client has it all or is gone.
+    FAILED, CUT_SHORT or CLIENT_GONE) once the client has it all or is gone.
+
+    The status line and headers wait until the first body bytes, or the
+    end of the read that brought them, parse cleanly: a framing error right
+    after the head still lets the gateway answer 502 itself (FAILED).
 
     `extra_headers`: pairs the gateway adds (rate-limit headers); `date`:
     the Date value to add when the upstream sent none (RFC 9110 6.6.1). An
@@ -49,28 +56,10 @@ def relay(request, response, extra_headers, date, idle_timeout_s, clock, watchdo
         pairs.append((b"Date", date))
     pairs.extend(extra_headers)
     pairs.append((b"X-Request-ID", request.request_id.encode("ascii")))
-    request.start_response(code, response.phrase, pairs, chunked)
     done = defer.Deferred()
-    if no_body:
-        # No body follows; let the pool have the connection back.
-        response.deliverBody(_Discard(request, done))
-        return done
-    response.deliverBody(_Relay(request, done, clock, idle_timeout_s, watchdog))
+    response.deliverBody(_Relay(request, (code, response.phrase, pairs, chunked), no_body,
+                                done, clock, idle_timeout_s, watchdog))
     return done
-
-
-class _Discard(Protocol):
-    def __init__(self, request, done):
-        self._request = request
-        self._done = done
-
-    def connectionLost(self, reason):
-        request = self._request
-        if request.client_gone:
-            self._done.callback(CLIENT_GONE)
-            return
-        request.finish()
-        self._done.callback(COMPLETE)
 
 
 @implementer(IPushProducer)
@@ -79,11 +68,14 @@ class _Relay(Protocol):
 
     It is the client's producer, passing pause and resume on to the upstream
     transport: a slow client pauses the upstream socket instead of growing
-    our buffers, and the idle timer only runs while we are willing to read.
+    our buffers, and the stall deadline only runs while we are willing to
+    read.
     """
 
-    def __init__(self, request, done, clock, idle_timeout_s, watchdog):
+    def __init__(self, request, head, no_body, done, clock, idle_timeout_s, watchdog):
         self._request = request
+        self._head = head  # (code, phrase, pairs, chunked) until written
+        self._no_body = no_body
         self._done = done
         self._clock = clock
         self._idle_timeout_s = idle_timeout_s
@@ -93,6 +85,8 @@ class _Relay(Protocol):
         self._deadline = None
 
     def connectionMade(self):
+        if self._no_body:
+            return  # nothing to stream: the pool gets the connection back
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(self._client_gone)
         self._deadline = self._clock.seconds() + self._idle_timeout_s
@@ -101,6 +95,16 @@ class _Relay(Protocol):
     def _client_gone(self, _):
         # The client left mid-body: stop reading from the upstream.
         self.stopProducing()
+
+    def _write_head(self):
+        head, self._head = self._head, None
+        self._request.start_response(*head)
+
+    def read_done(self):
+        # A head with no body bytes yet (a stream that starts later): send
+        # it now rather than hold the client waiting.
+        if self._head is not None and not self._request.client_gone:
+            self._write_head()
 
     def pauseProducing(self):
         self._deadline = None
@@ -123,10 +127,13 @@ class _Relay(Protocol):
 
     def dataReceived(self, data):
         request = self._request
-        if not request.client_gone:
-            if self._deadline is not None:
-                self._deadline = self._clock.seconds() + self._idle_timeout_s
-            request.write(data)
+        if request.client_gone:
+            return
+        if self._head is not None:
+            self._write_head()
+        if self._deadline is not None:
+            self._deadline = self._clock.seconds() + self._idle_timeout_s
+        request.write(data)
 
     def connectionLost(self, reason):
         self._watchdog.forget(self)
@@ -134,10 +141,17 @@ class _Relay(Protocol):
         if request.client_gone:
             self._done.callback(CLIENT_GONE)
             return
-        request.unregisterProducer()
+        if not self._no_body:
+            request.unregisterProducer()
         # isinstance, not Failure.check: check() walks the class hierarchy
         # by name, on every response.
-        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
+        complete = isinstance(reason.value, (ResponseDone, PotentialDataLoss))
+        if self._head is not None:
+            if not complete:
+                self._done.callback(FAILED)
+                return
+            self._write_head()
+        if complete:
             request.finish()
             self._done.callback(COMPLETE)
             return

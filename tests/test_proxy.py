@@ -347,6 +347,56 @@ async def test_body_cut_short_upstream_closes_client_connection():
         await raw.stop()
 
 
+async def _raw_through_gateway(mode, access_log=None):
+    raw = RawUpstream(mode).start()
+    service, base = await start_gateway(
+        f"services:\n  raw:\n    url: {raw.url}\n    auth: false\n    retries: 0\n"
+        "    timeout: 2\n", access_log=access_log)
+    records = []
+    service.access_log.record = records.append
+    try:
+        port = int(base.rsplit(":", 1)[1])
+        data = await raw_exchange(
+            port, b"GET /raw/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+            timeout_s=5)
+    finally:
+        await service.stopService()
+        await raw.stop()
+    return data, records
+
+
+@pytest.mark.parametrize("mode", ["badchunk", "huge-head", "many-headers"])
+@pytest_twisted.ensureDeferred
+async def test_broken_upstream_answer_before_any_byte_is_json_502(mode):
+    """When the upstream's answer breaks before any of it reached the client (bad chunk size, a head without end or with too many lines), the client gets the gateway's JSON 502."""
+    data, records = await _raw_through_gateway(mode)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502"), data[:200]
+    assert json.loads(body)["request_id"]
+    assert b"X-Filler" not in data
+    assert records[-1]["status"] == 502
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_delimited_body_cut_by_a_reset_is_not_completed():
+    """When an upstream body that ends with the connection is cut by a reset, the client gets no last chunk and the access record says what happened."""
+    data, records = await _raw_through_gateway("until-close-reset")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    assert body.startswith(b"a\r\nxxxxxxxxxx\r\n") and not body.endswith(b"0\r\n\r\n")
+    assert (records[-1]["status"], records[-1]["error"]) == (200, "upstream body cut short")
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_delimited_body_ended_by_fin_is_complete():
+    """When an upstream body that ends with the connection ends cleanly, the client gets it whole, with the last chunk."""
+    data, records = await _raw_through_gateway("until-close-fin")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == b"a\r\nxxxxxxxxxx\r\n0\r\n\r\n"
+    assert (records[-1]["status"], records[-1]["error"]) == (200, None)
+
+
 @pytest_twisted.ensureDeferred
 async def test_upstream_stalling_mid_body_is_cut_off_after_timeout():
     """When the upstream goes quiet mid-body for the timeout, the client connection is closed (body truncated) instead of hanging."""

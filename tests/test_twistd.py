@@ -116,8 +116,9 @@ async def test_seed_like_config_serves_proxies_logs_and_stops_cleanly(tmp_path):
     assert [r["status"] for r in records] == [401, 200]
     assert set(records[1]) == {
         "request_id", "method", "path", "service", "status", "latency_ms",
-        "upstream_latency_ms", "attempts", "client_ip", "consumer", "bytes_sent",
+        "upstream_latency_ms", "attempts", "client_ip", "consumer", "bytes_sent", "error",
     }
+    assert records[1]["error"] is None
     assert records[1]["request_id"] == "req-1"
     assert records[1]["path"] == "/open/test?x=1"
     assert records[1]["service"] == "open" and records[1]["attempts"] == 1

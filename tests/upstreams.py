@@ -144,11 +144,34 @@ class _Raw(protocol.Protocol):
                 b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10
             )
             self.transport.loseConnection()
+        mode = self.factory.mode
+        if mode == "badchunk":
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"zz\r\nhello\r\n0\r\n\r\n")
+        elif mode in ("until-close-reset", "until-close-fin"):
+            # A body whose end is the connection's end: FIN completes it,
+            # a reset cuts it.
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+                                 + b"x" * 10)
+            if mode == "until-close-fin":
+                self.transport.loseConnection()
+            else:
+                reactor.callLater(0.05, self.transport.abortConnection)
+        elif mode == "huge-head":
+            # 300 KB of header lines (bounded), then the connection stays open.
+            self.transport.write(b"HTTP/1.1 200 OK\r\n" + b"".join(
+                b"X-Filler-%d: %s\r\n" % (i, b"y" * 90) for i in range(3000)))
+        elif mode == "many-headers":
+            self.transport.write(b"HTTP/1.1 200 OK\r\n" + b"".join(
+                b"X-%d: a\r\n" % i for i in range(150)) + b"Content-Length: 0\r\n\r\n")
 
 
 class RawUpstream(protocol.Factory):
     """reset: RST on connect; garbage: a non-HTTP answer; cut: body cut short;
-    stall: body started, then silence."""
+    stall: body started, then silence; badchunk: a bad chunk size right after
+    the head; until-close-fin / until-close-reset: a close-delimited body
+    ended by FIN / cut by a reset; huge-head: header lines without end;
+    many-headers: 150 header lines."""
 
     protocol = _Raw
     noisy = False

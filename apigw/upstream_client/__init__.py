@@ -14,12 +14,13 @@ one Deferred per request is all the plumbing.
 """
 
 from apigw.upstream_client.agent import FastAgent
-from apigw.upstream_client.connection import UpstreamConnection, WrongBodyLength
+from apigw.upstream_client.connection import HeadTooLarge, UpstreamConnection, WrongBodyLength
 from apigw.upstream_client.endpoints import EndpointMaker
 from apigw.upstream_client.pool import ConnectionPool, NotRetried
 from apigw.upstream_client.response import UpstreamResponse
 
 __all__ = [
-    "ConnectionPool", "EndpointMaker", "FastAgent", "NotRetried", "UpstreamConnection",
+    "ConnectionPool", "EndpointMaker", "FastAgent", "HeadTooLarge", "NotRetried",
+    "UpstreamConnection",
     "UpstreamResponse", "WrongBodyLength",
 ]

@@ -26,7 +26,7 @@ import socket
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import defer
-from twisted.internet.error import ConnectionAborted
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -46,7 +46,8 @@ from apigw.upstream_client.response import UpstreamResponse
 
 __all__ = [
     "CLOSING", "DONE", "LOST", "QUIESCENT", "RECEIVING", "STATES", "TRANSMITTING",
-    "TRANSMITTING_AFTER_RESPONSE", "WAITING", "UpstreamConnection", "WrongBodyLength",
+    "TRANSMITTING_AFTER_RESPONSE", "WAITING", "HeadTooLarge", "UpstreamConnection",
+    "WrongBodyLength",
 ]
 
 log = Logger()
@@ -72,6 +73,10 @@ _LINE = b" HTTP/1.1\r\n"
 
 class WrongBodyLength(Exception):
     """The body producer wrote more or fewer bytes than its length said."""
+
+
+class HeadTooLarge(Exception):
+    """The response head passed the connection's byte or header-count limit."""
 
 
 class _HeadDone(Exception):
@@ -117,8 +122,13 @@ class UpstreamConnection(Protocol):
     the request's body producer writes to.
     """
 
-    def __init__(self, on_quiescent, on_idle_lost):
+    def __init__(self, on_quiescent, on_idle_lost, max_head_bytes=64 * 1024, max_headers=100):
         self.state = QUIESCENT
+        # An upstream sending endless header lines would otherwise grow us
+        # without bound until its deadline.
+        self._max_head_bytes = max_head_bytes
+        self._max_headers = max_headers
+        self._head_bytes = 0
         self._on_quiescent = on_quiescent
         self._on_idle_lost = on_idle_lost
         self._parser = HttpResponseParser(self)
@@ -382,6 +392,10 @@ class UpstreamConnection(Protocol):
             return
         if self.state is DONE:
             self._complete()
+        elif self._response is not None:
+            # What this read held is parsed and valid: the caller may now
+            # commit to what it has (a head held back until then).
+            self._response.read_done()
 
     def _parser_stopped(self, error, data):
         cause = error.__context__
@@ -399,6 +413,9 @@ class UpstreamConnection(Protocol):
             return
         if state is CLOSING or state is LOST:
             return  # given up on inside a callback already
+        if isinstance(cause, HeadTooLarge):
+            self._abort(Failure(cause))
+            return
         if cause is not None and not isinstance(cause, _OutOfStep):
             log.failure("upstream parser callback failed",
                         Failure(cause, type(cause), cause.__traceback__))
@@ -412,15 +429,20 @@ class UpstreamConnection(Protocol):
         self._phrase = b""
         self._length = None
         self._te = None
+        self._head_bytes = 0
 
     def on_status(self, data):
         self._phrase += data
+        self._count_head(len(data))
 
     def on_header(self, name, value):
         headers = self._raw_headers
         if headers is None:
             return  # a chunked body's trailers
         headers.append((name, value))
+        self._count_head(len(name) + len(value) + 4)
+        if len(headers) > self._max_headers:
+            raise HeadTooLarge(f"more than {self._max_headers} header lines")
         size = len(name)
         if size == 14 or size == 17 or size == 10:
             lower = name.lower()
@@ -430,6 +452,13 @@ class UpstreamConnection(Protocol):
                 self._te = value
             elif lower == b"connection" and _has_close((value,)):
                 self._keep = False
+
+    def _count_head(self, size):
+        # llhttp hands long lines over in pieces as they arrive: counting
+        # per callback stops a head that never ends.
+        self._head_bytes += size
+        if self._head_bytes > self._max_head_bytes:
+            raise HeadTooLarge(f"a response head over {self._max_head_bytes} bytes")
 
     def on_headers_complete(self):
         raw_headers, self._raw_headers = self._raw_headers, None
@@ -539,7 +568,8 @@ class UpstreamConnection(Protocol):
         if state is QUIESCENT:
             self._on_idle_lost(self)
         elif response is not None:
-            if self._until_close and state is not CLOSING:
+            if self._until_close and state is not CLOSING and reason.check(ConnectionDone):
+                # Only a clean close ends such a body; a reset cuts it.
                 response.body_finished(Failure(PotentialDataLoss()))
             else:
                 response.body_finished(Failure(ResponseFailed([reason])))

@@ -62,8 +62,12 @@ class ConnectionPool:
     """Keep-alive connections per target; `request()` sends over one."""
 
     def __init__(self, reactor, max_idle_per_target=64, idle_timeout_s=120,
-                 tls_policy=None, endpoint_for=None, retry_non_idempotent=False):
+                 tls_policy=None, endpoint_for=None, retry_non_idempotent=False,
+                 max_head_bytes=64 * 1024, max_headers=100):
         self._reactor = reactor
+        # Limits of an upstream's response head, for every connection.
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
         self.max_idle_per_target = max_idle_per_target
         self.idle_timeout_s = idle_timeout_s
         self._endpoint_for = endpoint_for or EndpointMaker(reactor, tls_policy)
@@ -242,7 +246,9 @@ class _ConnectionFactory(Factory):
         self._slot = slot
 
     def buildProtocol(self, addr):
-        return UpstreamConnection(self._slot.release, self._slot.forget)
+        pool = self._slot.pool
+        return UpstreamConnection(self._slot.release, self._slot.forget,
+                                  pool.max_head_bytes, pool.max_headers)
 
 
 class _Request:

@@ -95,6 +95,16 @@ class UpstreamResponse:
         if self._buffered > _BUFFER_LIMIT and self._source is not None:
             self._source.pause_reading()
 
+    def read_done(self):
+        """The source parsed a whole read of the wire without error: passed
+        on to a body protocol that asks (`read_done()`), so it can hold
+        back what it would have to take back after a framing error."""
+        protocol = self._protocol
+        if protocol is not None:
+            read_done = getattr(protocol, "read_done", None)
+            if read_done is not None:
+                read_done()
+
     def body_finished(self, reason):
         # From here on the source may carry another response: never call it.
         self._source = None
