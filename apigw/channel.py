@@ -9,14 +9,17 @@ deadlines are checked by the site's watchdog (apigw.deadlines), not by a
 reactor timer per request.
 """
 
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.web import http
+from zope.interface import implementer
 
 from apigw._twisted_compat import request_line
 
 log = Logger()
 
 
+@implementer(IHalfCloseableProtocol)
 class GatewayChannel(http.HTTPChannel):
     MAX_LENGTH = 8 * 1024  # one request line or header line
     maxHeaders = 100
@@ -28,6 +31,10 @@ class GatewayChannel(http.HTTPChannel):
     _idle_since = None
     _in_request = False
     _answered_early = False
+    # While a request's body is being read: when its last bytes came.
+    _body_since = None
+    # The client shut down its sending side (it has said all it will).
+    _read_closed = False
 
     _host = None
 
@@ -59,11 +66,14 @@ class GatewayChannel(http.HTTPChannel):
         if self._head_started is None and not self._in_request:
             self._head_started = self.factory.clock.seconds()
             self._idle_since = None
+        elif self._body_since is not None:
+            self._body_since = self.factory.clock.seconds()
         super().dataReceived(data)
 
     def allHeadersReceived(self):
         self._head_started = None
         self._in_request = True
+        self._body_since = self.factory.clock.seconds()
         super().allHeadersReceived()
 
     def requestDone(self, request):
@@ -80,6 +90,14 @@ class GatewayChannel(http.HTTPChannel):
             if now - self._head_started >= factory.header_timeout_s:
                 self._head_started = None
                 self._head_too_slow()
+        elif self._body_since is not None:
+            if now - self._body_since >= factory.body_timeout_s:
+                # A body trickled slower than this would hold the connection
+                # (and a buffer) for as long as the client likes.
+                self._body_since = None
+                log.info("dropping {peer}: no request body bytes for {timeout}s",
+                         peer=_peer(self), timeout=factory.body_timeout_s)
+                self._reject(b"408 Request Timeout")
         elif self._idle_since is not None and now - self._idle_since >= factory.idle_timeout_s:
             self._idle_since = None
             self.transport.loseConnection()
@@ -89,6 +107,7 @@ class GatewayChannel(http.HTTPChannel):
         as too large), then close: reading and discarding gigabytes would
         only serve the sender."""
         self._answered_early = True
+        self._body_since = None
         self.persistent = False
         request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         # HTTPChannel looks for Expect: 100-continue after gotLength(), where
@@ -98,8 +117,25 @@ class GatewayChannel(http.HTTPChannel):
         request.requestReceived(*request_line(self))
 
     def allContentReceived(self):
+        self._body_since = None
         if not self._answered_early:  # else already handed to the request
             super().allContentReceived()
+
+    def readConnectionLost(self):
+        """The client shut down its sending side (shutdown(SHUT_WR), `printf
+        ... | socat`, some HTTP/1.0 tools): answer what it asked, then close,
+        instead of dropping the request with the connection."""
+        self._read_closed = True
+        self.persistent = False
+        if not self._in_request:
+            # Nothing asked, or a head it will never finish.
+            self.transport.loseConnection()
+        elif self._body_since is not None:
+            self.transport.abortConnection()  # a body that will never come
+
+    def writeConnectionLost(self):
+        # We never shut down our sending side ourselves.
+        self.transport.abortConnection()
 
     def lineLengthExceeded(self, line):
         # HTTPChannel would just close; tell the client what was too long.
@@ -117,11 +153,9 @@ class GatewayChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
     def _head_too_slow(self):
-        peer = self.transport.getPeer()
         log.info(
             "dropping {peer}: request head not complete within {timeout}s",
-            peer=getattr(peer, "host", str(peer)),
-            timeout=self.factory.header_timeout_s,
+            peer=_peer(self), timeout=self.factory.header_timeout_s,
         )
         self._reject(b"408 Request Timeout")
 
@@ -132,6 +166,11 @@ class GatewayChannel(http.HTTPChannel):
         self.transport.loseConnection()
         # Ignore whatever else the client sends while we close.
         self.dataReceived = lambda data: None
+
+
+def _peer(channel):
+    peer = channel.transport.getPeer()
+    return getattr(peer, "host", str(peer))
 
 
 class ConnectionLimit:

@@ -41,6 +41,8 @@ class Pipeline:
 
     # How often stalled response bodies are looked for.
     stall_check_interval_s = 0.1
+    # A client that takes no response bytes for this long is cut off.
+    send_timeout_s = 60.0
 
     def __init__(self, authenticator, rate_limiting, forwarder, accounting, metrics, clock):
         self._authenticator = authenticator
@@ -98,7 +100,7 @@ class Pipeline:
         # relay
         ended = await relay(request, forwarded.response, limit_headers,
                             request.site.date.now(), service.timeout_s, self._clock,
-                            self.watchdog)
+                            self.watchdog, self.send_timeout_s)
         if ended == FAILED or ended == CUT_SHORT:
             # A connection failure of this target, too late to retry but not
             # too late to count.

@@ -22,7 +22,8 @@ CUT_SHORT = "cut_short"
 CLIENT_GONE = "client_gone"
 
 
-def relay(request, response, extra_headers, date, idle_timeout_s, clock, watchdog):
+def relay(request, response, extra_headers, date, idle_timeout_s, clock, watchdog,
+          send_timeout_s=60.0):
     """Stream `response` to the client; fires with how it ended (COMPLETE,
     FAILED, CUT_SHORT or CLIENT_GONE) once the client has it all or is gone.
 
@@ -34,7 +35,9 @@ def relay(request, response, extra_headers, date, idle_timeout_s, clock, watchdo
     the Date value to add when the upstream sent none (RFC 9110 6.6.1). An
     upstream that goes quiet mid-body for idle_timeout_s is cut off, like
     nginx's proxy_read_timeout: nothing else would ever end that request.
-    `watchdog` (apigw.deadlines) checks that deadline.
+    A client that takes nothing for send_timeout_s (nginx's send_timeout) is
+    cut off too, which frees the upstream connection it held. `watchdog`
+    (apigw.deadlines) checks both deadlines.
     """
     code = response.code
     raw = getattr(response, "raw_headers", None)
@@ -58,7 +61,7 @@ def relay(request, response, extra_headers, date, idle_timeout_s, clock, watchdo
     pairs.append((b"X-Request-ID", request.request_id.encode("ascii")))
     done = defer.Deferred()
     response.deliverBody(_Relay(request, (code, response.phrase, pairs, chunked), no_body,
-                                done, clock, idle_timeout_s, watchdog))
+                                done, clock, idle_timeout_s, watchdog, send_timeout_s))
     return done
 
 
@@ -72,7 +75,8 @@ class _Relay(Protocol):
     read.
     """
 
-    def __init__(self, request, head, no_body, done, clock, idle_timeout_s, watchdog):
+    def __init__(self, request, head, no_body, done, clock, idle_timeout_s, watchdog,
+                 send_timeout_s):
         self._request = request
         self._head = head  # (code, phrase, pairs, chunked) until written
         self._no_body = no_body
@@ -83,6 +87,9 @@ class _Relay(Protocol):
         # None while the client has paused us: a slow reader is not a
         # stalled upstream.
         self._deadline = None
+        self._send_timeout_s = send_timeout_s
+        # Set while the client has paused us: how long it may take nothing.
+        self._send_deadline = None
 
     def connectionMade(self):
         if self._no_body:
@@ -107,10 +114,13 @@ class _Relay(Protocol):
             self._write_head()
 
     def pauseProducing(self):
+        now = self._clock.seconds()
         self._deadline = None
+        self._send_deadline = now + self._send_timeout_s
         self.transport.pauseProducing()
 
     def resumeProducing(self):
+        self._send_deadline = None
         self.transport.resumeProducing()
         self._deadline = self._clock.seconds() + self._idle_timeout_s
 
@@ -124,6 +134,14 @@ class _Relay(Protocol):
             log.info("upstream body stalled for {timeout}s; cutting it off",
                      timeout=self._idle_timeout_s)
             self.transport.stopProducing()
+        elif self._send_deadline is not None and now >= self._send_deadline:
+            self._watchdog.forget(self)
+            request = self._request
+            log.info("request {request_id}: the client took nothing for {timeout}s;"
+                     " closing it", request_id=request.request_id,
+                     timeout=self._send_timeout_s)
+            # Its connectionLost stops the upstream body (_client_gone).
+            request.transport.abortConnection()
 
     def dataReceived(self, data):
         request = self._request

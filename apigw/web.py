@@ -141,6 +141,8 @@ class GatewaySite(server.Site):
     protocol = GatewayChannel
     noisy = False
     header_timeout_s = 10.0
+    # A request body with no new bytes for this long is cut off.
+    body_timeout_s = 60.0
     # Idle keep-alive connections are closed after this long (twisted.web's
     # default is 12 hours).
     idle_timeout_s = 60.0

@@ -192,3 +192,66 @@ async def upstream_for_small_limit():
     yield base, upstream
     await service.stopService()
     await upstream.stop()
+
+
+async def _until(condition, timeout_s=5.0):
+    waited = 0.0
+    while not condition():
+        if waited >= timeout_s:
+            return False
+        await deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
+    return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_trickled_body_is_cut_off_after_the_body_timeout(gw):
+    """When a client stops sending its request body, it gets 408 after the body timeout and nothing reaches the upstream."""
+    service, base, upstream = gw
+    service.site.body_timeout_s = 0.3
+    started = reactor.seconds()
+    data = await raw_exchange(_port(base), b"POST /pub/x HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: 10\r\n\r\nab", timeout_s=5)
+    assert 0.25 < reactor.seconds() - started < 3
+    assert data.startswith(b"HTTP/1.1 408")
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("path", [b"/healthz", b"/pub/x"])
+@pytest_twisted.ensureDeferred
+async def test_half_closed_client_gets_its_answer(gw, path):
+    """When a client shuts down its sending side after its request, it still gets the answer, then the connection closes."""
+    service, base, upstream = gw
+    proto = _Collect()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", _port(base)), proto)
+    proto.transport.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    proto.transport.loseWriteConnection()
+    guard = reactor.callLater(5, proto.transport.abortConnection)
+    data = await proto.done
+    if guard.active():
+        guard.cancel()
+    assert data.startswith(b"HTTP/1.1 200"), data[:100]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_stops_reading_is_cut_off_and_frees_the_upstream():
+    """When a client stops reading a large answer, it is cut off after the send timeout and the upstream connection is let go."""
+    from tests.upstreams import RawUpstream
+
+    raw = RawUpstream("endless-body").start()
+    service, base = await start_gateway(
+        f"services:\n  big:\n    url: {raw.url}\n    auth: false\n    retries: 0\n")
+    service.pipeline.send_timeout_s = 0.5
+    try:
+        proto = _Collect()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", _port(base)), proto)
+        proto.transport.pauseProducing()  # never read a byte
+        proto.transport.write(b"GET /big/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = reactor.seconds()
+        assert await _until(lambda: raw.lost == 1, timeout_s=10)
+        assert reactor.seconds() - started < 8
+        proto.transport.resumeProducing()
+        await proto.done  # the gateway closed it
+    finally:
+        await service.stopService()
+        await raw.stop()

@@ -12,8 +12,10 @@ import json
 import socket
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.interfaces import IPushProducer
 from twisted.web import server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 GZIPPED = gzip.compress(b'{"compressed": true}' * 50)
 
@@ -123,7 +125,33 @@ class TestUpstream:
         return defer.maybeDeferred(self.port.stopListening)
 
 
+@implementer(IPushProducer)
+class _EndlessBody:
+    """Chunks for as long as the reader takes them (bounded at 256 MiB)."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.sent = 0
+        self.paused = False
+
+    def resumeProducing(self):
+        self.paused = False
+        chunk = b"%x\r\n%s\r\n" % (65536, b"z" * 65536)
+        while not self.paused and self.sent < 256 * 1024 * 1024:
+            self.sent += 65536
+            self.transport.write(chunk)
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def stopProducing(self):
+        self.paused = True
+
+
 class _Raw(protocol.Protocol):
+    def connectionLost(self, reason):
+        self.factory.lost += 1
+
     def connectionMade(self):
         self.factory.connections += 1
         mode = self.factory.mode
@@ -161,6 +189,11 @@ class _Raw(protocol.Protocol):
             # 300 KB of header lines (bounded), then the connection stays open.
             self.transport.write(b"HTTP/1.1 200 OK\r\n" + b"".join(
                 b"X-Filler-%d: %s\r\n" % (i, b"y" * 90) for i in range(3000)))
+        elif mode == "endless-body":
+            self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            producer = _EndlessBody(self.transport)
+            self.transport.registerProducer(producer, True)
+            producer.resumeProducing()
         elif mode == "many-headers":
             self.transport.write(b"HTTP/1.1 200 OK\r\n" + b"".join(
                 b"X-%d: a\r\n" % i for i in range(150)) + b"Content-Length: 0\r\n\r\n")
@@ -171,7 +204,7 @@ class RawUpstream(protocol.Factory):
     stall: body started, then silence; badchunk: a bad chunk size right after
     the head; until-close-fin / until-close-reset: a close-delimited body
     ended by FIN / cut by a reset; huge-head: header lines without end;
-    many-headers: 150 header lines."""
+    many-headers: 150 header lines; endless-body: chunks while they are read."""
 
     protocol = _Raw
     noisy = False
@@ -179,6 +212,7 @@ class RawUpstream(protocol.Factory):
     def __init__(self, mode):
         self.mode = mode
         self.connections = 0
+        self.lost = 0
         self.port = None
 
     def start(self):
