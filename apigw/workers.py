@@ -32,10 +32,10 @@ from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
-from twisted.python.failure import Failure
 
 import apigw
 from apigw.config import ConfigError, reload_config
+from apigw.listener import listen_now
 from apigw.signals import SighupHandler, exit_zero_after_sigterm
 from apigw.worker import READY, RELOAD_OTHERS
 
@@ -159,7 +159,7 @@ class WorkerSupervisor(Service):
         # Before twistd sheds privileges, so ports below 1024 work with --uid.
         super().privilegedStartService()
         for name, (description, endpoint) in self._endpoints.items():
-            self._ports[name] = _bind(endpoint)
+            self._ports[name] = _bind(endpoint, description)
 
     def startService(self):
         super().startService()
@@ -321,13 +321,10 @@ class WorkerSupervisor(Service):
         return ended
 
 
-def _bind(endpoint):
+def _bind(endpoint, description):
     """Listen on the endpoint but leave accepting to the workers."""
-    result = []
-    endpoint.listen(_Unused()).addBoth(result.append)  # fires at once for these endpoints
-    if isinstance(result[0], Failure):
-        result[0].raiseException()
-    port = result[0]
+    # These endpoints bind at once; a failure is CannotStart's one line.
+    port = listen_now(endpoint, _Unused(), description)
     # Out of the reactor before it polls: the supervisor never accepts.
     port.stopReading()
     return port
