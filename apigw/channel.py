@@ -105,7 +105,8 @@ class GatewayChannel(http.HTTPChannel):
 
     def _reject(self, status):
         self.transport.write(
-            b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            b"HTTP/1.1 " + status
+            + b"\r\nServer: apigw\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
         )
         self.transport.loseConnection()
         # Ignore whatever else the client sends while we close.

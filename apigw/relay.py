@@ -47,6 +47,8 @@ def relay(request, response, extra_headers, date, idle_timeout_s, clock):
     if b"date" not in names:
         pairs.append((b"Date", date))
     pairs.extend(extra_headers)
+    # A field of its own after any upstream Via: the same list, appended (RFC 9110 7.6.3).
+    pairs.append((b"Via", b"1.1 apigw"))
     pairs.append((b"X-Request-ID", request.request_id.encode("ascii")))
     request.start_response(code, response.phrase, pairs, chunked)
     done = defer.Deferred()
