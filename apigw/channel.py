@@ -23,6 +23,7 @@ class GatewayChannel(http.HTTPChannel):
     _answered_early = False
 
     _host = None
+    _http10_keep_alive = False
 
     def connectionMade(self):
         super().connectionMade()
@@ -43,6 +44,33 @@ class GatewayChannel(http.HTTPChannel):
         if self._head_timer is None and not self._in_request:
             self._start_head_deadline()
         super().dataReceived(data)
+
+    def checkPersistence(self, request, version):
+        # twisted.web closes every HTTP/1.0 connection, since it cannot know
+        # yet whether the answer will have a length. A 1.0 client asking for
+        # keep-alive keeps the connection if it does: see http10_keep_alive.
+        self._http10_keep_alive = version == b"HTTP/1.0" and _asks_keep_alive(request)
+        if self._http10_keep_alive:
+            return True
+        return super().checkPersistence(request, version)
+
+    def http10_keep_alive(self, request, code, has_length):
+        """Called as the head of `request`'s answer is written: for an HTTP/1.0
+        keep-alive client, say keep-alive if the body's end is known, else
+        close after it, as that is then the only end a 1.0 client knows."""
+        if not (self._http10_keep_alive and self.persistent):
+            return
+        if has_length or request.method == b"HEAD" or code in http.NO_BODY_CODES:
+            request.responseHeaders.setRawHeaders(b"connection", [b"keep-alive"])
+        else:
+            self.persistent = False
+
+    def writeHeaders(self, version, code, reason, headers):
+        # The head of an answer twisted.web's Request writes (the gateway's
+        # own); relayed answers come through GatewayRequest.start_response.
+        if self._http10_keep_alive and self.requests:
+            self.http10_keep_alive(self.requests[0], int(code), headers.hasHeader(b"content-length"))
+        super().writeHeaders(version, code, reason, headers)
 
     def allHeadersReceived(self):
         self._stop_head_deadline()
@@ -111,6 +139,12 @@ class GatewayChannel(http.HTTPChannel):
         self.transport.loseConnection()
         # Ignore whatever else the client sends while we close.
         self.dataReceived = lambda data: None
+
+
+def _asks_keep_alive(request):
+    values = request.requestHeaders.getRawHeaders(b"connection") or ()
+    return any(token.strip().lower() == b"keep-alive"
+               for value in values for token in value.split(b","))
 
 
 class ConnectionLimit:

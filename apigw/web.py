@@ -108,6 +108,9 @@ class GatewayRequest(server.Request):
         them; write() and finish() then go on as usual."""
         if self.channel.site.draining:
             self._close_after()
+        if self.clientproto == b"HTTP/1.0" and self.channel.persistent:
+            self.channel.http10_keep_alive(
+                self, code, any(name.lower() == b"content-length" for name, _ in pairs))
         lines = [name + b": " + value + b"\r\n" for name, value in pairs]
         for name, values in self.responseHeaders.getAllRawHeaders():
             for value in values:
