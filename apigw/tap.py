@@ -71,13 +71,13 @@ def makeService(options, reactor=None):
         config = load_config(options["config"], environ=os.environ)
     except ConfigError as e:
         _refuse(str(e))
-    for option in ("port", "admin-port"):
-        if options[option] is not None:
-            check_endpoint(reactor, option, options[option])
     if options["workers"] > 1:
         from apigw.workers import make_supervisor
 
         return make_supervisor(options, config, reactor)
+    for option in ("port", "admin-port"):
+        if options[option] is not None:
+            check_endpoint(reactor, option, options[option])
     from apigw.service import GatewayService
 
     return GatewayService(

@@ -30,12 +30,12 @@ import tempfile
 from prometheus_client import multiprocess
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
 
 import apigw
 from apigw.config import ConfigError, reload_config
 from apigw.listener import listen_now
+from apigw.tap import check_endpoint
 from apigw.signals import SighupHandler, exit_zero_after_sigterm
 from apigw.worker import READY, RELOAD_OTHERS
 
@@ -60,11 +60,7 @@ def make_supervisor(options, config, reactor):
             continue
         if description.split(":", 1)[0] not in SUPPORTED_ENDPOINTS:
             _refuse(f"--{name} {description!r}: with --workers, use a tcp:, tcp6:, ssl: or unix: endpoint")
-        try:
-            endpoint = serverFromString(reactor, description)
-        except Exception as e:  # bad syntax, unreadable TLS key...
-            _refuse(f"--{name} {description!r}: {e}")
-        endpoints[name] = (description, endpoint)
+        endpoints[name] = (description, check_endpoint(reactor, name, description))
     return WorkerSupervisor(
         config, options["workers"], endpoints, options["access-log"], reactor=reactor
     )
