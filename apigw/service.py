@@ -117,17 +117,22 @@ class GatewayService(MultiService):
         try:
             config = reload_config(self.config)
         except ConfigError as e:
-            self.metrics.config_reloads.labels("error").inc()
+            if self.counts_reloads:
+                self.metrics.config_reloads.labels("error").inc()
             log.error("config reload failed, keeping the old config: {error}", error=str(e))
             raise
         self.apply_config(config)
-        self.metrics.config_reloads.labels("ok").inc()
+        if self.counts_reloads:
+            self.metrics.config_reloads.labels("ok").inc()
         log.info("config reloaded: services {services}", services=", ".join(config.services))
         return sorted(config.services)
 
     # Set by worker processes (apigw.worker): an admin reload asks the
     # supervisor to reload the other workers too.
     reload_others = None
+    # Every reload reaches every worker and their counts are summed: only
+    # one worker counts them (apigw.worker).
+    counts_reloads = True
 
     def _admin_reload(self):
         names = self.reload()
