@@ -54,14 +54,17 @@ def check_endpoint(reactor, option, description):
         return serverFromString(reactor, description)
     except Exception as e:  # unknown type, bad syntax, unreadable TLS key...
         why = str(e) or type(e).__name__
-        host, _, port = description.rpartition(":")
-        if description.isdigit():
-            hint = f" (a port alone is written tcp:{description})"
-        elif port.isdigit() and host and ":" not in host:
-            hint = f" (host:port is written tcp:{port}:interface={host})"
-        else:
-            hint = ""
-        _refuse(f"--{option} {description!r}: {why}{hint}")
+        _refuse(f"--{option} {description!r}: {why}{endpoint_hint(description)}")
+
+
+def endpoint_hint(description):
+    """How to write the usual slips (a bare port, host:port) as endpoints."""
+    host, _, port = description.rpartition(":")
+    if description.isdigit():
+        return f" (a port alone is written tcp:{description})"
+    if port.isdigit() and host and ":" not in host:
+        return f" (host:port is written tcp:{port}:interface={host})"
+    return ""
 
 
 def makeService(options, reactor=None):

@@ -35,7 +35,7 @@ from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPubl
 import apigw
 from apigw.config import ConfigError, reload_config
 from apigw.listener import listen_now
-from apigw.tap import check_endpoint
+from apigw.tap import check_endpoint, endpoint_hint
 from apigw.signals import SighupHandler, exit_zero_after_sigterm
 from apigw.worker import READY, RELOAD_OTHERS
 
@@ -59,7 +59,8 @@ def make_supervisor(options, config, reactor):
         if description is None:
             continue
         if description.split(":", 1)[0] not in SUPPORTED_ENDPOINTS:
-            _refuse(f"--{name} {description!r}: with --workers, use a tcp:, tcp6:, ssl: or unix: endpoint")
+            _refuse(f"--{name} {description!r}: with --workers, use a tcp:, tcp6:, ssl: or unix:"
+                    f" endpoint{endpoint_hint(description)}")
         endpoints[name] = (description, check_endpoint(reactor, name, description))
     return WorkerSupervisor(
         config, options["workers"], endpoints, options["access-log"], reactor=reactor
