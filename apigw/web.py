@@ -158,6 +158,12 @@ class GatewaySite(server.Site):
         self._channels = set()
         self._all_closed = []
 
+    # Names the listener in Twisted's "<prefix> starting on <port>" line.
+    listener_name = "public"
+
+    def logPrefix(self):
+        return f"apigw {self.listener_name} listener"
+
     def buildProtocol(self, addr):
         if not self.connections.admit(addr):
             return None  # closes the connection at once
