@@ -333,6 +333,11 @@ class _QuietRetries:
         self._clock = clock
         self._outage = outage
 
+    def __repr__(self):
+        # ClientService still logs one line per connection when a live one
+        # drops, naming its endpoint: this.
+        return f"<{self._outage.what}>"
+
     def connect(self, factory):
         attempt = [None]  # the connect or the timer in progress
         delay_s = [self.initial_delay_s]
