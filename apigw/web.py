@@ -143,6 +143,7 @@ class GatewaySite(server.Site):
     # default is 12 hours).
     idle_timeout_s = 60.0
     max_connections = 10000
+    listener_name = "public"  # or "admin", for the logs
 
     def __init__(self, resource, pipeline, clock, body_limit, **kwargs):
         kwargs.setdefault("timeout", self.idle_timeout_s)
@@ -158,10 +159,8 @@ class GatewaySite(server.Site):
         self._channels = set()
         self._all_closed = []
 
-    # Names the listener in Twisted's "<prefix> starting on <port>" line.
-    listener_name = "public"
-
     def logPrefix(self):
+        # Twisted's "<prefix> starting on <port>" line: not a class name.
         return f"apigw {self.listener_name} listener"
 
     def buildProtocol(self, addr):
