@@ -8,18 +8,34 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
+# make demo's ports, as make variables or environment: make demo DEMO_PORT=9000
+DEMO_PORT ?= 8000
+DEMO_SERVICE1_PORT ?= 5001
+DEMO_SERVICE2_PORT ?= 5002
 
 .PHONY: demo test
 
+# The gateway listens on 127.0.0.1 only, without a pidfile (a daemon started
+# from this folder keeps its twistd.pid), on a config written by the demo
+# upstreams once they listen: if they cannot, make demo stops right there.
 demo: $(VENV)/.installed-demo
 	@set -euo pipefail; \
 	if [ -z "$${MASTER_KEY:-}" ] && ! grep -qsE '^[[:space:]]*(export[[:space:]]+)?MASTER_KEY=' .env; then \
 	  export MASTER_KEY=supersecret; \
-	  echo "make demo: MASTER_KEY is not set, using the README's demo key (set your own outside the demo)"; \
+	  echo "make demo: MASTER_KEY is not set, using the README's demo key 'supersecret' for this demo only (twistd apigw has no default; set your own outside the demo)"; \
 	fi; \
-	$(BIN)/python -m apigw.demo & backends=$$!; \
-	trap 'kill $$backends 2>/dev/null || true; wait $$backends 2>/dev/null || true' EXIT; \
-	$(BIN)/twistd -n apigw --config gateway_config.yaml
+	scratch=$$(mktemp -d); config=$$scratch/gateway_config.yaml; backends=; \
+	trap 'if [ -n "$$backends" ]; then kill $$backends 2>/dev/null || true; wait $$backends 2>/dev/null || true; fi; rm -rf "$$scratch"' EXIT; \
+	$(BIN)/python -m apigw.demo --port1 $(DEMO_SERVICE1_PORT) --port2 $(DEMO_SERVICE2_PORT) \
+	  --write-config "$$config" & backends=$$!; \
+	until [ -e "$$config" ]; do \
+	  if ! kill -0 $$backends 2>/dev/null; then \
+	    echo "make demo: the demo upstreams did not start (see above)" >&2; exit 1; \
+	  fi; \
+	  sleep 0.1; \
+	done; \
+	$(BIN)/twistd -n --pidfile= apigw --config "$$config" \
+	  --port tcp:$(DEMO_PORT):interface=127.0.0.1
 
 test: $(VENV)/.installed-test
 	@if command -v promtool >/dev/null 2>&1; then :; \

@@ -48,13 +48,12 @@ class AdminAPI:
         `reload`: callable (may return a Deferred) giving the new config."""
         self._store = store
         self._authenticator = authenticator
+        # None: every call is refused (apigw.startup logs that once).
         self._master_key = master_key.encode("utf-8") if master_key else None
         self._admin_allow = admin_allow if callable(admin_allow) else (lambda: admin_allow)
         self._service_names = service_names
         self._reload = reload
         self._clock = clock if clock is not None else _wall_clock()
-        if self._master_key is None:
-            self.log.warn("MASTER_KEY is not set: the admin API answers 403 to every request")
 
     def resource(self):
         """Mount as the child `admin` of the public root."""

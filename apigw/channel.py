@@ -37,6 +37,7 @@ class GatewayChannel(http.HTTPChannel):
     _read_closed = False
 
     _host = None
+    _http10_keep_alive = False
 
     def connectionMade(self):
         super().connectionMade()
@@ -69,6 +70,33 @@ class GatewayChannel(http.HTTPChannel):
         elif self._body_since is not None:
             self._body_since = self.factory.clock.seconds()
         super().dataReceived(data)
+
+    def checkPersistence(self, request, version):
+        # twisted.web closes every HTTP/1.0 connection, since it cannot know
+        # yet whether the answer will have a length. A 1.0 client asking for
+        # keep-alive keeps the connection if it does: see http10_keep_alive.
+        self._http10_keep_alive = version == b"HTTP/1.0" and _asks_keep_alive(request)
+        if self._http10_keep_alive:
+            return True
+        return super().checkPersistence(request, version)
+
+    def http10_keep_alive(self, request, code, has_length):
+        """Called as the head of `request`'s answer is written: for an HTTP/1.0
+        keep-alive client, say keep-alive if the body's end is known, else
+        close after it, as that is then the only end a 1.0 client knows."""
+        if not (self._http10_keep_alive and self.persistent):
+            return
+        if has_length or request.method == b"HEAD" or code in http.NO_BODY_CODES:
+            request.responseHeaders.setRawHeaders(b"connection", [b"keep-alive"])
+        else:
+            self.persistent = False
+
+    def writeHeaders(self, version, code, reason, headers):
+        # The head of an answer twisted.web's Request writes (the gateway's
+        # own); relayed answers come through GatewayRequest.start_response.
+        if self._http10_keep_alive and self.requests:
+            self.http10_keep_alive(self.requests[0], int(code), headers.hasHeader(b"content-length"))
+        super().writeHeaders(version, code, reason, headers)
 
     def allHeadersReceived(self):
         self._head_started = None
@@ -161,7 +189,8 @@ class GatewayChannel(http.HTTPChannel):
 
     def _reject(self, status):
         self.transport.write(
-            b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            b"HTTP/1.1 " + status
+            + b"\r\nServer: apigw\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
         )
         self.transport.loseConnection()
         # Ignore whatever else the client sends while we close.
@@ -171,6 +200,12 @@ class GatewayChannel(http.HTTPChannel):
 def _peer(channel):
     peer = channel.transport.getPeer()
     return getattr(peer, "host", str(peer))
+
+
+def _asks_keep_alive(request):
+    values = request.requestHeaders.getRawHeaders(b"connection") or ()
+    return any(token.strip().lower() == b"keep-alive"
+               for value in values for token in value.split(b","))
 
 
 class ConnectionLimit:

@@ -456,6 +456,13 @@ class DatabaseURL:
     path: Optional[str] = None  # sqlite file
     params: Mapping[str, object] = attr.ib(factory=dict)  # psycopg2.connect kwargs
 
+    def describe(self):
+        """Where the keys live, for the log: never the password."""
+        if self.kind == "sqlite":
+            return f"SQLite file {os.path.abspath(self.path)}"
+        p = self.params
+        return f"PostgreSQL at {p['host']}:{p['port']}/{p['dbname']}"
+
 
 def parse_database_url(url):
     """sqlite:///relative.db, sqlite:////abs.db or postgresql://u:p@h:5432/db."""
@@ -491,6 +498,10 @@ class RedisURL:
     port: int
     db: int
     password: Optional[str]
+
+    def describe(self):
+        """Where the counters live, for the log: never the password."""
+        return f"Redis at {self.host}:{self.port}/{self.db}"
 
 
 def parse_redis_url(url):

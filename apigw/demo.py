@@ -3,6 +3,11 @@ The seed's two demo upstreams, so the quickstart works on a fresh machine.
 
     python -m apigw.demo                 # service1 on :5001, service2 on :5002
     apigw-demo-backends --port1 0        # 0 picks a free port; the line printed says which
+    python -m apigw.demo --write-config demo.yaml   # and a gateway config for them
+
+`--write-config` writes the seed's gateway_config.yaml with the ports the
+upstreams actually got, once both listen: `make demo` waits for that file,
+so a port already in use stops it before a gateway starts.
 
 `GET /test` answers like the seed's services; every other request gets an
 echo of what arrived (method, raw path and query, headers, body size), which
@@ -11,6 +16,7 @@ shows what the gateway forwards: X-Forwarded-*, X-Request-ID, no X-API-Key.
 
 import argparse
 import json
+import os
 import sys
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -95,7 +101,27 @@ def _parse_args(argv):
                         help="port of service2 (default %(default)s; 0 = any free port)")
     parser.add_argument("--interface", default="127.0.0.1",
                         help="address to listen on (default %(default)s)")
+    parser.add_argument("--write-config", metavar="PATH",
+                        help="once listening, write a gateway config for these upstreams here")
     return parser.parse_args(argv)
+
+
+def demo_config(urls):
+    """The seed's gateway_config.yaml, pointing at the demo upstreams as they listen."""
+    return (
+        "services:\n"
+        f"  service1:\n    url: \"{urls['service1']}\"\n    rate_limit: 100\n"
+        f"  service2:\n    url: \"{urls['service2']}\"\n    rate_limit: 50\n"
+        "settings:\n  rate_period: 60\n"
+    )
+
+
+def _write_atomically(path, text):
+    # Whoever waits for the file must never read half of it.
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        f.write(text)
+    os.replace(partial, path)
 
 
 async def _serve(reactor, options):
@@ -107,9 +133,13 @@ async def _serve(reactor, options):
         print(f"apigw-demo-backends: cannot listen on {e.interface}:{e.port}: {e.socketError}",
               file=sys.stderr, flush=True)
         raise SystemExit(1)
+    urls = {}
     for name, port in listening.items():
         host = port.getHost()
-        print(f"{name} listening on http://{host.host}:{host.port}", flush=True)
+        urls[name] = f"http://{host.host}:{host.port}"
+        print(f"{name} listening on {urls[name]}", flush=True)
+    if options.write_config:
+        _write_atomically(options.write_config, demo_config(urls))
     # Runs until SIGINT/SIGTERM: react() stops the reactor and exits 0.
     await Deferred()
 

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from apigw.config import DatabaseURL, parse_database_url
+from apigw.outage import OutageLog
 
 KEY_MARK = "agw_"
 # Malformed keys are refused without a database round trip.
@@ -173,6 +174,9 @@ class KeyStore:
         self._retry_call = None
         self._retry_delay_s = 1.0
         self.available = None  # unknown until the first query
+        self._outage = OutageLog(
+            f"key store ({self.url.describe()})", self._clock, self.log,
+            consequence="keys not in the cache get 503")
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -222,11 +226,8 @@ class KeyStore:
     async def _ensure_schema(self):
         try:
             version = await self._run(self._migrate)
-        except KeyStoreUnavailable as e:
-            self.log.warn(
-                "key store: cannot prepare the schema ({why}); retrying in {delay_s}s",
-                why=e, delay_s=self._retry_delay_s,
-            )
+        except KeyStoreUnavailable:
+            # Said by _mark_down, which also reminds while it lasts.
             self._retry_call = self._clock.callLater(self._retry_delay_s, self._retry_schema)
             self._retry_delay_s = min(30.0, self._retry_delay_s * 2)
             return
@@ -314,15 +315,14 @@ class KeyStore:
         self._mark_down(why)
         raise KeyStoreUnavailable(why)
 
-    # One line per change of state, not one per failed request.
+    # A line when it goes and comes back, reminders in between; not one
+    # per failed request or retry.
     def _mark_down(self, why):
-        if self.available is not False:
-            self.log.warn("key store unavailable: {why}", why=why)
+        self._outage.failed(why)
         self.available = False
 
     def _mark_up(self):
-        if self.available is False:
-            self.log.info("key store reachable again")
+        self._outage.recovered()
         self.available = True
 
     # --- keys ---------------------------------------------------------------

@@ -5,7 +5,8 @@ With `--workers N` every worker writes its samples to files in a directory
 the supervisor made (prometheus_client's multiprocess mode) and /metrics
 merges all of them, so any worker reports the totals of all: counters and
 histograms are summed, files of dead workers included (totals never go
-back); `gateway_in_flight_requests` is summed over live workers; and
+back); `gateway_in_flight_requests` is summed over live workers;
+`gateway_build_info` is 1 however many workers say so; and
 `gateway_circuit_breaker_state` shows, per target, the highest state among
 live workers (each worker has its own breakers; open or half_open shows as
 soon as one of them has tripped).
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+import apigw
 from apigw.errors import GetOnly
 
 # A gateway adds milliseconds; upstreams may take tens of seconds.
@@ -34,15 +36,11 @@ class Metrics:
         """multiprocess_dir: PROMETHEUS_MULTIPROC_DIR of a worker; it must be
         in the environment before prometheus_client is first imported."""
         self._multiprocess = multiprocess_dir is not None
-        if multiprocess_dir is None:
-            self.registry = registry if registry is not None else CollectorRegistry()
-            r = self.registry
-        else:
-            self.registry = CollectorRegistry()
-            MultiProcessCollector(self.registry, path=multiprocess_dir)
-            # The values live in the files: registering the metrics as well
-            # would report this worker's share twice.
-            r = None
+        self.registry = registry if registry is not None else CollectorRegistry()
+        # Not registered themselves: _Exposition shows them, and with workers
+        # the values live in the files (registering them would report this
+        # worker's share twice).
+        r = None
         self._request_children = {}
         self.requests_total = Counter(
             "gateway_requests_total", "Total requests through gateway",
@@ -82,6 +80,20 @@ class Metrics:
             "gateway_config_reloads_total", "Configuration reloads by result",
             ["result"], registry=r,
         )
+        self.build_info = Gauge(
+            "gateway_build_info", "The apigw version this process runs (always 1)",
+            ["version"], registry=r, multiprocess_mode="max",
+        )
+        self.build_info.labels(apigw.__version__).set(1)
+        merged = None
+        if multiprocess_dir is not None:
+            merged = MultiProcessCollector(None, path=multiprocess_dir)
+        self.registry.register(_Exposition(
+            [self.requests_total, self.request_latency, self.upstream_latency,
+             self.upstream_retries, self.rate_limited, self.auth_failures,
+             self.breaker_state, self.in_flight, self.config_reloads, self.build_info],
+            merged,
+        ))
 
     def in_flight_from(self, count):
         """Have the in-flight gauge read `count()` at scrape time; False
@@ -113,6 +125,33 @@ class Metrics:
 
     def render(self):
         return generate_latest(self.registry)
+
+
+class _Exposition:
+    """What /metrics shows, the same families with or without workers.
+
+    With workers, the merged files of all of them, plus the families none
+    has written yet (a family appears in the files only once it has
+    samples; dashboards and alerts want each one from the start). Either
+    way without the `_created` series: the files do not keep them, and
+    they are no part of the metric names apigw promises.
+    """
+
+    def __init__(self, metrics, merged=None):
+        self._metrics = metrics
+        self._merged = merged
+
+    def collect(self):
+        if self._merged is None:
+            families = [family for metric in self._metrics for family in metric.collect()]
+        else:
+            merged = {family.name: family for family in self._merged.collect()}
+            families = [merged.pop(empty.name, empty)
+                        for metric in self._metrics for empty in metric.describe()]
+            families.extend(merged.values())
+        for family in families:
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 class MetricsResource(GetOnly):

@@ -10,10 +10,13 @@ import math
 
 import attr
 from twisted.internet import defer
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from apigw.errors import GatewayError
+from apigw.outage import OutageLog
 
 log = Logger()
 
@@ -200,6 +203,8 @@ _LUA_CHECK_SHA_BYTES = LUA_CHECK_SHA.encode("ascii")
 class RedisLimiter:
     """Counters in Redis, shared by every gateway process: one EVALSHA each."""
 
+    log = Logger()
+
     def __init__(
         self, redis_url, algorithm, clock, timeout_s=0.1, key_prefix="apigw:rl:",
         poolsize=2, reactor=None,
@@ -216,6 +221,9 @@ class RedisLimiter:
         # Connection -> when its first unanswered timeout happened: a silent
         # partition leaves the socket open for ever unless we close it.
         self._silent_since = {}
+        self.outage = OutageLog(
+            redis_url.describe(), clock, self.log,
+            consequence="requests get the rate_limit_failure policy until it answers")
 
     @property
     def connected(self):
@@ -239,13 +247,15 @@ class RedisLimiter:
             # _timed_out() replaces a connection that stopped answering.
             replyTimeout=None,
         )
-        # A limiter outage costs every request, so retry sooner than the
-        # library's 10 s ceiling; a connect to a down server is cheap.
+        # After a dropped connection the pool waits this long before its
+        # first new connect (later ones wait inside _QuietRetries): a
+        # limiter outage costs every request, the library's 10 s is long.
         factory.initialDelay = 0.2
         factory.maxDelay = 2.0
-        factory.startConnecting(
-            HostnameEndpoint(reactor, self._url.host, self._url.port, timeout=2)
-        )
+        factory.startConnecting(_QuietRetries(
+            HostnameEndpoint(reactor, self._url.host, self._url.port, timeout=2),
+            self._clock, self.outage,
+        ))
         self._factory = factory
 
     def stop(self):
@@ -332,6 +342,65 @@ class RedisLimiter:
             self._timed_out(redis)
             raise LimiterUnavailable(f"no answer from Redis in {self._timeout_s} s")
         raise LimiterUnavailable(f"Redis failed: {failure.getErrorMessage()}")
+
+
+@implementer(IStreamClientEndpoint)
+class _QuietRetries:
+    """An endpoint whose connect() keeps trying until it connects.
+
+    txredisapi's pool reconnects through ClientService, which logs a line
+    per connection and attempt, every two seconds for as long as Redis is
+    down. Retried in here, a failed connect never reaches it; the outage
+    goes to `outage` (an OutageLog) instead. A limiter outage costs every
+    request, so the delay starts at 0.2 s and stops doubling at 2 s.
+    """
+
+    initial_delay_s = 0.2
+    max_delay_s = 2.0
+
+    def __init__(self, endpoint, clock, outage):
+        self._endpoint = endpoint
+        self._clock = clock
+        self._outage = outage
+
+    def __repr__(self):
+        # ClientService still logs one line per connection when a live one
+        # drops, naming its endpoint: this.
+        return f"<{self._outage.what}>"
+
+    def connect(self, factory):
+        attempt = [None]  # the connect or the timer in progress
+        delay_s = [self.initial_delay_s]
+
+        def cancel(_):
+            pending = attempt[0]
+            attempt[0] = None
+            if isinstance(pending, defer.Deferred):
+                pending.cancel()
+            elif pending is not None and pending.active():
+                pending.cancel()
+
+        connected = defer.Deferred(cancel)
+
+        def start():
+            d = attempt[0] = self._endpoint.connect(factory)
+            d.addCallbacks(succeeded, failed)
+
+        def succeeded(protocol):
+            attempt[0] = None
+            self._outage.recovered()
+            connected.callback(protocol)
+
+        def failed(failure):
+            if connected.called:  # cancelled: ClientService is stopping
+                return None
+            self._outage.failed(failure.getErrorMessage())
+            attempt[0] = self._clock.callLater(delay_s[0], start)
+            delay_s[0] = min(self.max_delay_s, delay_s[0] * 2)
+            return None
+
+        start()
+        return connected
 
 
 def _add_patient_timeout(d, timeout_s, clock):

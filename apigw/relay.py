@@ -58,6 +58,8 @@ def relay(request, response, extra_headers, date, idle_timeout_s, clock, watchdo
     if b"date" not in names:
         pairs.append((b"Date", date))
     pairs.extend(extra_headers)
+    # A field of its own after any upstream Via: the same list, appended (RFC 9110 7.6.3).
+    pairs.append((b"Via", b"1.1 apigw"))
     pairs.append((b"X-Request-ID", request.request_id.encode("ascii")))
     done = defer.Deferred()
     response.deliverBody(_Relay(request, (code, response.phrase, pairs, chunked), no_body,

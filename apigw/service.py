@@ -20,6 +20,7 @@ from apigw.metrics import Metrics, MetricsResource
 from apigw.pipeline import Pipeline
 from apigw.ratelimit import RateLimiting, make_limiter
 from apigw.signals import SighupHandler, exit_zero_after_sigterm
+from apigw.startup import log_startup
 from apigw.web import GatewayRoot, GatewaySite, Healthz, Readyz, ServiceRoute
 
 log = Logger()
@@ -56,6 +57,7 @@ class GatewayService(MultiService):
         self.shutting_down = False
         self._sighup = SighupHandler(reactor, self._reload_quietly)
         self._port_description = port
+        self._admin_port_description = admin_port
         # Nothing opens before startService: adbapi starts its threads there.
         self.key_store = KeyStore(config.env.database_url, reactor, clock=self.clock)
         self.authenticator = Authenticator(
@@ -81,8 +83,9 @@ class GatewayService(MultiService):
             self.root.putChild(b"admin", self.admin.resource())
         else:
             # With --admin-port, /admin exists only there.
-            self.admin_listener = Listener(admin_port, self._site(self.admin.root_resource()),
-                                           reactor)
+            admin_site = self._site(self.admin.root_resource())
+            admin_site.listener_name = "admin"
+            self.admin_listener = Listener(admin_port, admin_site, reactor)
             self.admin_listener.setServiceParent(self)
         self.site = self._site(self.root)
         self.listener = Listener(port, self.site, reactor)
@@ -117,17 +120,24 @@ class GatewayService(MultiService):
         try:
             config = reload_config(self.config)
         except ConfigError as e:
-            self.metrics.config_reloads.labels("error").inc()
+            if self.counts_reloads:
+                self.metrics.config_reloads.labels("error").inc()
             log.error("config reload failed, keeping the old config: {error}", error=str(e))
             raise
         self.apply_config(config)
-        self.metrics.config_reloads.labels("ok").inc()
+        if self.counts_reloads:
+            self.metrics.config_reloads.labels("ok").inc()
         log.info("config reloaded: services {services}", services=", ".join(config.services))
         return sorted(config.services)
 
     # Set by worker processes (apigw.worker): an admin reload asks the
     # supervisor to reload the other workers too.
     reload_others = None
+    # Every reload reaches every worker and their counts are summed: only
+    # one worker counts them (apigw.worker).
+    counts_reloads = True
+    # Workers leave the startup summary to their supervisor.
+    announce = True
 
     def _admin_reload(self):
         names = self.reload()
@@ -184,11 +194,9 @@ class GatewayService(MultiService):
         self.rate_limiting.start()
         self.key_store.start().addErrback(self._key_store_failed)
         super().startService()
-        log.info(
-            "apigw listening on {port} with services {services}",
-            port=self._port_description,
-            services=", ".join(self.config.services) or "(none)",
-        )
+        if self.announce:
+            log_startup(self.config, self._port_description, self._admin_port_description,
+                        workers=1)
 
     def stopService(self):
         return defer.ensureDeferred(self._stop())

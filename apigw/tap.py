@@ -3,6 +3,7 @@
 import os
 import sys
 
+from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from apigw.config import ConfigError, load_config
@@ -40,19 +41,46 @@ def _workers(value):
     return count
 
 
+def _refuse(message):
+    # makeService runs before twistd's logging starts: one line, exit 1.
+    sys.stderr.write(f"apigw: {message}\n")
+    raise SystemExit(1)
+
+
+def check_endpoint(reactor, option, description):
+    """Parse an endpoint description now, so a typo is one line before
+    anything starts; binding it is left to the service."""
+    try:
+        return serverFromString(reactor, description)
+    except Exception as e:  # unknown type, bad syntax, unreadable TLS key...
+        why = str(e) or type(e).__name__
+        _refuse(f"--{option} {description!r}: {why}{endpoint_hint(description)}")
+
+
+def endpoint_hint(description):
+    """How to write the usual slips (a bare port, host:port) as endpoints."""
+    host, _, port = description.rpartition(":")
+    if description.isdigit():
+        return f" (a port alone is written tcp:{description})"
+    if port.isdigit() and host and ":" not in host:
+        return f" (host:port is written tcp:{port}:interface={host})"
+    return ""
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     try:
         config = load_config(options["config"], environ=os.environ)
     except ConfigError as e:
-        # makeService runs before twistd's logging starts: one line, exit 1.
-        sys.stderr.write(f"apigw: {e}\n")
-        raise SystemExit(1)
+        _refuse(str(e))
     if options["workers"] > 1:
         from apigw.workers import make_supervisor
 
         return make_supervisor(options, config, reactor)
+    for option in ("port", "admin-port"):
+        if options[option] is not None:
+            check_endpoint(reactor, option, options[option])
     from apigw.service import GatewayService
 
     return GatewayService(

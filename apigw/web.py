@@ -113,6 +113,9 @@ class GatewayRequest(server.Request):
         them; write() and finish() then go on as usual."""
         if self.channel.site.draining:
             self._close_after()
+        if self.clientproto == b"HTTP/1.0" and self.channel.persistent:
+            self.channel.http10_keep_alive(
+                self, code, any(name.lower() == b"content-length" for name, _ in pairs))
         lines = [name + b": " + value + b"\r\n" for name, value in pairs]
         for name, values in self.responseHeaders.getAllRawHeaders():
             for value in values:
@@ -147,6 +150,7 @@ class GatewaySite(server.Site):
     # default is 12 hours).
     idle_timeout_s = 60.0
     max_connections = 10000
+    listener_name = "public"  # or "admin", for the logs
 
     # How often the watchdog checks every connection's deadlines.
     deadline_check_interval_s = 0.25
@@ -168,6 +172,10 @@ class GatewaySite(server.Site):
         self.watchdog = Watchdog(clock, self.deadline_check_interval_s)
         self._channels = set()
         self._all_closed = []
+
+    def logPrefix(self):
+        # Twisted's "<prefix> starting on <port>" line: not a class name.
+        return f"apigw {self.listener_name} listener"
 
     def buildProtocol(self, addr):
         if not self.connections.admit(addr):

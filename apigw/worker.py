@@ -184,6 +184,10 @@ def _make_service(options, reactor):
         reactor=reactor,
         metrics=Metrics(multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"]),
     )
+    # Each reload reaches every worker (SIGHUP from the supervisor, or the
+    # admin call here and SIGHUP to the others): counted once, by worker 1.
+    service.counts_reloads = options["index"] == "1"
+    service.announce = False
     # POST /admin/reload reached this worker only; the supervisor passes it on.
     service.reload_others = lambda: log.info(
         "asking the supervisor to reload the other workers", **{RELOAD_OTHERS: True}

@@ -30,13 +30,14 @@ import tempfile
 from prometheus_client import multiprocess
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogPublisher
-from twisted.python.failure import Failure
 
 import apigw
 from apigw.config import ConfigError, reload_config
+from apigw.listener import listen_now
+from apigw.tap import check_endpoint, endpoint_hint
 from apigw.signals import SighupHandler, exit_zero_after_sigterm
+from apigw.startup import log_startup
 from apigw.worker import READY, RELOAD_OTHERS
 
 log = Logger()
@@ -59,12 +60,9 @@ def make_supervisor(options, config, reactor):
         if description is None:
             continue
         if description.split(":", 1)[0] not in SUPPORTED_ENDPOINTS:
-            _refuse(f"--{name} {description!r}: with --workers, use a tcp:, tcp6:, ssl: or unix: endpoint")
-        try:
-            endpoint = serverFromString(reactor, description)
-        except Exception as e:  # bad syntax, unreadable TLS key...
-            _refuse(f"--{name} {description!r}: {e}")
-        endpoints[name] = (description, endpoint)
+            _refuse(f"--{name} {description!r}: with --workers, use a tcp:, tcp6:, ssl: or unix:"
+                    f" endpoint{endpoint_hint(description)}")
+        endpoints[name] = (description, check_endpoint(reactor, name, description))
     return WorkerSupervisor(
         config, options["workers"], endpoints, options["access-log"], reactor=reactor
     )
@@ -79,6 +77,13 @@ class _Unused(protocol.Factory):
     """The supervisor's own factory; it never accepts (see _bind)."""
 
     noisy = False
+
+    def __init__(self, name):
+        self._name = name
+
+    def logPrefix(self):
+        # Twisted logs "<prefix> starting on <port>" when it binds.
+        return f"apigw {self._name} listener (for the workers)"
 
     def buildProtocol(self, addr):
         return None
@@ -159,14 +164,15 @@ class WorkerSupervisor(Service):
         # Before twistd sheds privileges, so ports below 1024 work with --uid.
         super().privilegedStartService()
         for name, (description, endpoint) in self._endpoints.items():
-            self._ports[name] = _bind(endpoint)
+            self._ports[name] = _bind(endpoint, description, "public" if name == "port" else "admin")
 
     def startService(self):
         super().startService()
         self._metrics_dir = tempfile.mkdtemp(prefix="apigw-metrics-")
         self._sighup.install()
-        log.info("apigw supervisor (pid {pid}) listening on {port}; starting {n} workers",
-                 pid=os.getpid(), port=self._endpoints["port"][0], n=self.count)
+        admin = self._endpoints.get("admin-port")
+        log_startup(self.config, self._endpoints["port"][0], admin[0] if admin else None,
+                    workers=self.count)
         for index in range(1, self.count + 1):
             self._spawn(index)
 
@@ -321,13 +327,10 @@ class WorkerSupervisor(Service):
         return ended
 
 
-def _bind(endpoint):
+def _bind(endpoint, description, name):
     """Listen on the endpoint but leave accepting to the workers."""
-    result = []
-    endpoint.listen(_Unused()).addBoth(result.append)  # fires at once for these endpoints
-    if isinstance(result[0], Failure):
-        result[0].raiseException()
-    port = result[0]
+    # These endpoints bind at once; a failure is CannotStart's one line.
+    port = listen_now(endpoint, _Unused(name), description)
     # Out of the reactor before it polls: the supervisor never accepts.
     port.stopReading()
     return port

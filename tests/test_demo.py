@@ -3,7 +3,9 @@
 import json
 import os
 import selectors
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,3 +101,97 @@ def test_command_serves_on_chosen_ports_and_stops_on_sigterm():
             proc.wait(COMMAND_TIMEOUT_S)
         proc.stdout.close()
         proc.stderr.close()
+
+
+# `make demo` itself, with this interpreter's environment standing in for the
+# Makefile's .venv (-o: never install anything from a test).
+VENV = os.path.dirname(os.path.dirname(sys.executable))
+MAKEFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Makefile")
+
+
+def _make_demo(cwd, **ports):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "MASTER_KEY")}
+    env["DATABASE_URL"] = f"sqlite:///{cwd}/apigw.db"
+    env.update({name: str(port) for name, port in ports.items()})
+    return subprocess.Popen(
+        ["make", "-s", "-f", MAKEFILE, "-o", f"{VENV}/.installed-demo", f"VENV={VENV}", "demo"],
+        cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True,
+    )
+
+
+def _stop_group(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(COMMAND_TIMEOUT_S)
+    out, err = proc.communicate()
+    return out.decode(), err.decode()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _call(url, data=None, headers=None):
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=COMMAND_TIMEOUT_S) as answer:
+        return json.load(answer)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_on_chosen_ports_beside_a_daemons_pidfile(tmp_path):
+    """When make demo runs with DEMO_* ports next to a running daemon's twistd.pid, the gateway serves the demo on 127.0.0.1 with the demo key and leaves the pidfile alone."""
+    # What `twistd apigw` (daemonized) leaves in the folder: a live PID.
+    (tmp_path / "twistd.pid").write_text(str(os.getpid()))
+    gateway, one, two = _free_port(), _free_port(), _free_port()
+    proc = _make_demo(tmp_path, DEMO_PORT=gateway, DEMO_SERVICE1_PORT=one, DEMO_SERVICE2_PORT=two)
+    try:
+        deadline = time.monotonic() + COMMAND_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, _stop_group(proc)
+            try:
+                socket.create_connection(("127.0.0.1", gateway), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the demo gateway never listened"
+                time.sleep(0.1)
+        created = _call(f"http://127.0.0.1:{gateway}/admin/generate_key", b'{"owner": "demo"}',
+                        {"X-Master-Key": "supersecret", "Content-Type": "application/json"})
+        for name in ("service1", "service2"):
+            assert _call(f"http://127.0.0.1:{gateway}/{name}/test",
+                         headers={"X-API-Key": created["api_key"]})["service"] == name
+    finally:
+        out, err = _stop_group(proc)
+    assert (tmp_path / "twistd.pid").read_text() == str(os.getpid())
+    assert f"listeners: public tcp:{gateway}:interface=127.0.0.1" in out
+    assert f"service1 listening on http://127.0.0.1:{one}" in out
+    assert "demo key" in out and "this demo only" in out
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_stops_when_an_upstream_port_is_taken(tmp_path):
+    """When a demo upstream's port is in use, make demo fails at once with a clear line and starts no gateway."""
+    gateway = _free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        proc = _make_demo(tmp_path, DEMO_PORT=gateway, DEMO_SERVICE1_PORT=0, DEMO_SERVICE2_PORT=busy)
+        try:
+            proc.wait(COMMAND_TIMEOUT_S)
+        finally:
+            out, err = _stop_group(proc)
+    assert proc.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{busy}" in err
+    assert "the demo upstreams did not start" in err
+    assert "starting up" not in out and "listeners:" not in out  # no twistd ran
+    assert "Traceback" not in out + err

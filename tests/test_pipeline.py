@@ -5,7 +5,6 @@ import tempfile
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -15,7 +14,7 @@ import pytest
 
 from apigw.config import Environment, parse_config
 from apigw.deadlines import Watchdog
-from apigw.listener import Listener
+from apigw.listener import CannotStart, Listener
 from apigw.service import GatewayService
 from apigw.web import GatewayRequest, HttpDate
 
@@ -191,7 +190,7 @@ def test_http_date_is_formatted_once_per_second():
 
 
 def test_listener_that_cannot_bind_raises_from_start_service():
-    """When the port is taken, starting the listener raises at once (twistd then stops with the error)."""
+    """When the port is taken, starting the listener raises at once with one line naming the port (twistd then exits 1)."""
     from twisted.internet import reactor
     from twisted.internet.protocol import Factory
 
@@ -199,8 +198,10 @@ def test_listener_that_cannot_bind_raises_from_start_service():
     try:
         listener = Listener(f"tcp:{taken.getHost().port}:interface=127.0.0.1", Factory(),
                             reactor)
-        with pytest.raises(CannotListenError):
+        with pytest.raises(CannotStart) as refused:
             listener.startService()
-        assert listener.port is None
+        assert str(refused.value) == (f"cannot listen on tcp:{taken.getHost().port}"
+                                      ":interface=127.0.0.1: address already in use")
+        assert refused.value.code == 1 and listener.port is None
     finally:
         taken.stopListening()

@@ -250,7 +250,7 @@ async def _code_from(gw, worker_pid_to_pause, path, want, timeout_s=10):
 
 @pytest_twisted.ensureDeferred
 async def test_reload_reaches_every_worker(tmp_path, upstream, supervisors):
-    """When the supervisor gets SIGHUP, or one worker gets POST /admin/reload on the admin port, both workers serve the new services, each reloading once per request."""
+    """When the supervisor gets SIGHUP, or one worker gets POST /admin/reload on the admin port, both workers serve the new services, each reloading once per request, and each reload is counted once."""
     admin = free_port()
     gw = Supervisor(tmp_path, service_yaml({"a": upstream.url}), env={"MASTER_KEY": "mk-test"},
                     extra=["--admin-port", f"tcp:{admin}:interface=127.0.0.1"])
@@ -269,7 +269,7 @@ async def test_reload_reaches_every_worker(tmp_path, upstream, supervisors):
     assert await _code_from(gw, first, "/c/x", 200) == 200  # the other worker, via the supervisor
     assert await _code_from(gw, first, "/b/x", 404) == 404
     text = (await http("GET", gw.base + "/metrics")).body.decode()
-    assert total(text, 'gateway_config_reloads_total{result="ok"}') == 4
+    assert total(text, 'gateway_config_reloads_total{result="ok"}') == 2  # once per reload
 
 
 @pytest_twisted.ensureDeferred

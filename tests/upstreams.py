@@ -78,6 +78,17 @@ class _Recorder(Resource):
         self.upstream.hanging.append(request)
         return server.NOT_DONE_YET
 
+    def do_via(self, request, seen):
+        # As if a cache sat between the gateway and this upstream.
+        request.setHeader(b"via", b"1.1 cache-a")
+        return b"via"
+
+    def do_stream(self, request, seen):
+        # No Content-Length: HTTP/1.1 chunks it, HTTP/1.0 ends it by closing.
+        request.write(b"streamed")
+        request.finish()
+        return server.NOT_DONE_YET
+
     def do_nobody(self, request, seen):
         request.setResponseCode(204)
         return b""

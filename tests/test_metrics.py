@@ -1,0 +1,130 @@
+"""/metrics as scraped from `twistd apigw`, one process and `--workers 2` alike."""
+
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+import apigw
+from apigw.metrics import Metrics
+from tests.helpers import TWISTD, free_port, wait_for_port
+from tests.upstreams import TestUpstream
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 30
+SERVING = re.compile(r"worker \d+ serving")
+
+
+def test_build_info_is_one_with_the_version():
+    """When metrics are rendered, gateway_build_info carries the apigw version with value 1."""
+    text = Metrics().render().decode()
+    assert f'gateway_build_info{{version="{apigw.__version__}"}} 1.0' in text.splitlines()
+
+
+class _Gateway:
+    def __init__(self, directory, yaml_text, workers):
+        directory.mkdir()
+        self.workers = workers
+        self.logfile = directory / "twistd.log"
+        config = directory / "gw.yaml"
+        config.write_text(yaml_text)
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DATABASE_URL", "REDIS_URL", "MASTER_KEY")}
+        env["DATABASE_URL"] = f"sqlite:///{directory}/apigw.db"
+        self.proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "--logfile", str(self.logfile), "apigw",
+             "--config", str(config), "--port", f"tcp:{self.port}:interface=127.0.0.1",
+             "--workers", str(workers)],
+            cwd=str(directory), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    def log(self):
+        return self.logfile.read_text() if self.logfile.exists() else ""
+
+    def _wait_for_log(self, pattern, count):
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(re.findall(pattern, self.log())) < count:
+            assert self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+
+    def get(self, path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def traffic_reload_scrape(self):
+        """Blocking: the same requests, one SIGHUP, then /metrics."""
+        wait_for_port(self.port, proc=self.proc)
+        if self.workers > 1:
+            self._wait_for_log(SERVING, self.workers)
+        assert self.get("/pub/x")[0] == 200
+        assert self.get("/nope/x")[0] == 404
+        assert self.get("/keyed/x")[0] == 401
+        self.proc.send_signal(signal.SIGHUP)
+        # Every process that serves re-reads the file, and says so.
+        self._wait_for_log(r"config reloaded", self.workers)
+        return self.get("/metrics")[1]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stderr.close()
+        return self.proc.returncode
+
+
+def _families(text):
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+def _value(text, sample):
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_show_the_same_families_and_count_a_reload_once(tmp_path):
+    """When one process and --workers 2 get the same traffic and one SIGHUP, their /metrics have the same families, the reload counted 1 and build info 1."""
+    upstream = TestUpstream().start()
+    yaml_text = (f"services:\n  pub:\n    url: {upstream.url}\n    auth: false\n"
+                 f"  keyed:\n    url: {upstream.url}\n")
+    scraped = {}
+    try:
+        for workers in (1, 2):
+            gateway = _Gateway(tmp_path / f"workers{workers}", yaml_text, workers)
+            try:
+                scraped[workers] = await deferToThread(gateway.traffic_reload_scrape)
+            finally:
+                assert await deferToThread(gateway.stop) == 0, gateway.log()
+    finally:
+        await upstream.stop()
+    one, two = scraped[1], scraped[2]
+    assert _families(one) == _families(two), (_families(one) ^ _families(two))
+    for name in ("gateway_requests_total", "gateway_request_latency_seconds",
+                 "gateway_upstream_latency_seconds", "gateway_upstream_retries_total",
+                 "gateway_rate_limited_total", "gateway_auth_failures_total",
+                 "gateway_circuit_breaker_state", "gateway_in_flight_requests",
+                 "gateway_config_reloads_total", "gateway_build_info"):
+        assert name in _families(two), name
+    for text in (one, two):
+        assert _value(text, 'gateway_config_reloads_total{result="ok"}') == 1.0
+        assert _value(text, f'gateway_build_info{{version="{apigw.__version__}"}}') == 1.0
+        assert _value(text, 'gateway_requests_total{method="GET",service="pub",status="200"}') == 1.0
