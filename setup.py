@@ -20,7 +20,7 @@ class _ProjectRootPth:
         self._project_dir = project_dir
 
     def __call__(self, wheel, files, mapping):
-        entry = str(Path(self._project_dir).resolve())
+        entry = str(Path(self._project_dir, "src").resolve())
         wheel.writestr(f"__editable__.{self._name}.pth", f"{entry}\n".encode())
 
     def __enter__(self):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parent.parent
 # What a wheel is built from; the rest of the tree (tests, .venv, build
 # output of earlier runs) would only slow the copy down or leak stale files.
-SOURCES = ("setup.py", "pyproject.toml", "README.md", "apigw", "twisted")
+SOURCES = ("setup.py", "pyproject.toml", "README.md", "LICENSE", "src")
 PIP_TIMEOUT_S = 240
 TWISTD_TIMEOUT_S = 60
 
