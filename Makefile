@@ -51,10 +51,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Stamps: reinstall only when the packaging changes (the install is editable).
-$(VENV)/.installed-demo: setup.py pyproject.toml | $(BIN)/python
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
 	$(PIP) install -e .
 	@touch $@
 
-$(VENV)/.installed-test: setup.py pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[test]'
 	@touch $@ $(VENV)/.installed-demo
