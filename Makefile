@@ -30,7 +30,7 @@ test: $(VENV)/.installed-test promtool
 # A system promtool wins; tests that need one skip when neither is there.
 promtool: | $(BIN)/python
 	@set -u; \
-	if command -v promtool >/dev/null 2>&1 || [ -x $(BIN)/promtool ]; then exit 0; fi; \
+	if [ -x "$$(command -v promtool)" ] || [ -x $(BIN)/promtool ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg >/dev/null 2>&1; then \
 	  echo "make test: promtool is missing and apt-get/dpkg are not here; tests that need it will skip"; \
 	  exit 0; \
