@@ -22,6 +22,7 @@ import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
+SRC = os.path.join(REPO, "src")
 # The twistd next to the Python running us: bench/run and bench/soak use .venv.
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -31,11 +32,11 @@ GATEWAY_ENV = ("DATABASE_URL", "REDIS_URL", "MASTER_KEY", "DEBUG")
 
 
 def project_env(env=None):
-    """Our environment for a twistd of this checkout: REPO first on
+    """Our environment for a twistd of this checkout: its src/ first on
     PYTHONPATH, so that a worktree run with another checkout's .venv (whose
     editable install points there) still runs this checkout's apigw."""
     env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([SRC] + [p for p in env.get("PYTHONPATH", "")
                                                   .split(os.pathsep) if p])
     return env
 

@@ -1,7 +1,7 @@
 """Client CPU per upstream request, without sockets or reactor: request ->
 head bytes -> a canned answer fed to the connection -> body delivered.
 
-    PYTHONPATH=. python bench/upstream_client_micro.py [--post] [--read-headers]
+    PYTHONPATH=src python bench/upstream_client_micro.py [--post] [--read-headers]
 
 Modes: `agent` (FastAgent, a URI and a Headers), `pool` (pool.request with a
 Target and a Headers), `pairs` (pool.request with (name, value) pairs).

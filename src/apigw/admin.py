@@ -122,22 +122,18 @@ class AdminAPI:
     @app.route("/keys", methods=["POST"])
     async def create_key(self, request):
         self._gate(request)
-        spec = _key_spec(_json_body(request), set(self._service_names()))
+        spec = key_spec(_json_body(request), set(self._service_names()))
         record, raw_key = await self._store.create_key(**spec)
         self.log.info("admin: created API key {id} ({prefix}...) for {owner}",
                       id=record.id, prefix=record.prefix, owner=record.owner)
-        view = record.to_json(self._clock.seconds())
-        body = {"id": record.id, "api_key": raw_key}
-        body.update({k: view[k] for k in
-                     ("owner", "prefix", "services", "expires_at", "rate_limit", "created_at")})
-        return _answer(request, 201, body)
+        return _answer(request, 201, created_key_json(record, raw_key, self._clock.seconds()))
 
     @app.route("/keys", methods=["GET"])
     async def list_keys(self, request):
         self._gate(request)
         now = self._clock.seconds()
         records = await self._store.list_keys()
-        return _answer(request, 200, {"keys": [r.to_json(now) for r in records]})
+        return _answer(request, 200, key_list_json(records, now))
 
     @app.route("/keys/<string:key_id>", methods=["GET"])
     async def get_key(self, request, key_id):
@@ -174,6 +170,32 @@ class AdminAPI:
         else:
             names = sorted(self._service_names())
         return _answer(request, 200, {"status": "reloaded", "services": names})
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request):
+        self._gate(request)
+        # Here, not at the top: the document reads this module's limits.
+        from apigw.openapi import rendered
+
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"x-request-id", _request_id(request).encode("ascii"))
+        return rendered()
+
+
+# --- the JSON shapes, shared with the apigw command -----------------------------
+
+def created_key_json(record, raw_key, now):
+    """The answer to POST /admin/keys: the only time the raw key is shown."""
+    view = record.to_json(now)
+    body = {"id": record.id, "api_key": raw_key}
+    body.update({k: view[k] for k in
+                 ("owner", "prefix", "services", "expires_at", "rate_limit", "created_at")})
+    return body
+
+
+def key_list_json(records, now):
+    """The answer to GET /admin/keys."""
+    return {"keys": [r.to_json(now) for r in records]}
 
 
 # --- helpers -------------------------------------------------------------------
@@ -291,7 +313,7 @@ def _kind(value):
     }.get(type(value), type(value).__name__)
 
 
-def _key_spec(body, known_services):
+def key_spec(body, known_services):
     """Checked create_key arguments from a request body, or AdminError 400."""
     unknown = sorted(set(body) - set(KEY_FIELDS))
     if unknown:
