@@ -8,11 +8,13 @@ import pytest
 import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 
-from apigw.admin import AdminAPI, _allowed
+from apigw.addresses import allowed
+from apigw.admin import AdminAPI
 from apigw.config import ConfigError
 from apigw.keys import Authenticator, KeyStore, KeyStoreUnavailable
 from keys_support import T0, real_sleep
@@ -286,15 +288,20 @@ async def test_caller_outside_admin_allow_is_403_even_with_the_key(store, clock)
 
 
 def test_admin_allow_matching():
-    """When addresses are checked, v4, v6 and v4-mapped v6 match the right networks."""
+    """When addresses are checked, v4, v6 and v4-mapped v6 match the right networks, and a UNIX socket is local."""
     nets = LOOPBACK + (ipaddress.ip_network("192.168.0.0/16"),)
-    assert _allowed("127.0.0.1", nets)
-    assert _allowed("::1", nets)
-    assert _allowed("::ffff:192.168.1.2", nets)
-    assert not _allowed("10.1.2.3", nets)
-    assert not _allowed("::ffff:10.1.2.3", nets)
-    assert not _allowed(None, nets)
-    assert not _allowed("not-an-ip", nets)
+
+    def tcp(host):
+        return IPv6Address("TCP", host, 1) if ":" in host else IPv4Address("TCP", host, 1)
+
+    assert allowed(tcp("127.0.0.1"), nets)
+    assert allowed(tcp("::1"), nets)
+    assert allowed(tcp("::ffff:192.168.1.2"), nets)
+    assert not allowed(tcp("10.1.2.3"), nets)
+    assert not allowed(tcp("::ffff:10.1.2.3"), nets)
+    assert not allowed(None, nets)
+    assert not allowed(tcp("not-an-ip"), nets)
+    assert allowed(UNIXAddress(b"/run/apigw.sock"), nets)
 
 
 # --- reload and outages -------------------------------------------------------------

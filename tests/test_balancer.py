@@ -104,6 +104,7 @@ services:
     url: "http://127.0.0.1:5003"
 settings:
   breaker_failure_threshold: 1
+  breaker_min_requests: 1
   breaker_recovery_time: 10
 """
 
@@ -113,6 +114,7 @@ services:
     urls: ["http://127.0.0.1:5001", "http://127.0.0.1:5004"]
 settings:
   breaker_failure_threshold: 2
+  breaker_min_requests: 1
   breaker_recovery_time: 10
 """
 

@@ -227,3 +227,44 @@ def test_observer_sets_gauge_and_logs_each_transition():
     states = [(e["old"], e["new"]) for e in events]
     assert states == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
     assert all(e["service"] == "svc" for e in events)
+
+
+def test_a_handful_of_failures_cannot_open_it_below_the_minimum_volume():
+    """When fewer attempts than min_requests fail within the window, the breaker stays closed; with enough volume and failure ratio it opens."""
+    clock = Clock()
+    breaker = CircuitBreaker(5, 30, clock, min_requests=10, failure_ratio=0.5, window_s=10)
+    for _ in range(5):
+        breaker.record_failure()  # five slow requests of one client
+    assert breaker.state == "closed"
+    for _ in range(4):
+        breaker.record_success()
+    for _ in range(5):
+        breaker.record_failure()
+    # 14 attempts, 10 failed, the last 5 in a row.
+    assert breaker.state == "open"
+
+
+def test_old_attempts_leave_the_window():
+    """When the volume was reached only by attempts older than the window, failures do not open the breaker."""
+    clock = Clock()
+    breaker = CircuitBreaker(2, 30, clock, min_requests=4, failure_ratio=0.5, window_s=10)
+    for _ in range(3):
+        breaker.record_success()
+    clock.advance(11)
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state == "closed"  # 2 attempts in the window, below 4
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state == "open"
+
+
+def test_a_low_failure_ratio_does_not_open_it():
+    """When failures are a small share of the attempts in the window, consecutive failures alone do not open the breaker."""
+    clock = Clock()
+    breaker = CircuitBreaker(3, 30, clock, min_requests=5, failure_ratio=0.5, window_s=10)
+    for _ in range(20):
+        breaker.record_success()
+    for _ in range(3):
+        breaker.record_failure()
+    assert breaker.state == "closed"  # 3 of 23

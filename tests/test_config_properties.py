@@ -88,9 +88,20 @@ def check_settings(s):
     assert is_seconds(s.auth_cache_ttl_s, positive=False)
     assert is_seconds(s.shutdown_grace_s, positive=False)
     assert is_int(s.max_body_bytes)
-    assert isinstance(s.admin_allow, tuple)
-    assert all(isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network))
-               for n in s.admin_allow)
+    for networks in (s.admin_allow, s.metrics_allow):
+        assert isinstance(networks, tuple)
+        assert all(isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network))
+                   for n in networks)
+    assert is_int(s.breaker_min_requests, 1)
+    assert isinstance(s.breaker_failure_ratio, float) and 0 < s.breaker_failure_ratio <= 1
+    for seconds_ in (s.breaker_window_s, s.client_header_timeout_s, s.client_body_timeout_s,
+                     s.client_send_timeout_s, s.keepalive_timeout_s, s.upstream_idle_timeout_s):
+        assert is_seconds(seconds_)
+    assert s.max_connections is None or is_int(s.max_connections, 1)
+    assert is_int(s.client_max_line_bytes, 256) and is_int(s.client_max_head_bytes, 256)
+    assert is_int(s.upstream_max_head_bytes, 256)
+    assert is_int(s.client_max_headers, 1) and is_int(s.upstream_max_headers, 1)
+    assert is_int(s.upstream_max_idle_per_target)
 
 
 def check_config(config, env=ENV):
@@ -178,7 +189,15 @@ SETTINGS_VALUES = {
     "timeout": seconds, "retries": counts, "backoff_base": seconds, "backoff_max": seconds,
     "breaker_failure_threshold": counts, "breaker_recovery_time": seconds,
     "auth_cache_ttl": seconds, "shutdown_grace": seconds, "max_body_bytes": counts,
-    "admin_allow": cidrs,
+    "admin_allow": cidrs, "metrics_allow": cidrs,
+    "breaker_min_requests": counts, "breaker_failure_ratio": st.one_of(st.floats(-1, 2), anything),
+    "breaker_window": seconds,
+    "client_header_timeout": seconds, "client_body_timeout": seconds,
+    "client_send_timeout": seconds, "keepalive_timeout": seconds, "max_connections": counts,
+    "client_max_line_bytes": counts, "client_max_headers": counts,
+    "client_max_head_bytes": counts, "upstream_max_head_bytes": counts,
+    "upstream_max_headers": counts, "upstream_max_idle_per_target": counts,
+    "upstream_idle_timeout": seconds,
 }
 assert set(SETTINGS_VALUES) == set(SETTINGS_FIELDS)
 SERVICE_VALUES = {

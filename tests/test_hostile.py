@@ -23,6 +23,26 @@ async def gw():
     await upstream.stop()
 
 
+@pytest_twisted.async_yield_fixture
+async def gw_with():
+    """gw_with(**settings) -> (service, base, upstream): a gateway with those settings."""
+    started = []
+
+    async def start(**settings):
+        upstream = TestUpstream().start()
+        lines = "".join(f"  {name}: {value}\n" for name, value in settings.items())
+        service, base = await start_gateway(
+            f"services:\n  pub:\n    url: {upstream.url}\n    auth: false\n"
+            f"settings:\n{lines}")
+        started.append((service, upstream))
+        return service, base, upstream
+
+    yield start
+    for service, upstream in started:
+        await service.stopService()
+        await upstream.stop()
+
+
 def _port(base):
     return int(base.rsplit(":", 1)[1])
 
@@ -82,10 +102,9 @@ async def test_hostile_request_gets_4xx_and_reaches_nothing(gw, case):
 
 
 @pytest_twisted.ensureDeferred
-async def test_slowloris_head_is_dropped_while_others_are_served(gw):
+async def test_slowloris_head_is_dropped_while_others_are_served(gw_with):
     """When a client trickles its request head, it is dropped after the header timeout while other clients are served."""
-    service, base, upstream = gw
-    service.site.header_timeout_s = 0.5
+    service, base, upstream = await gw_with(client_header_timeout=0.5)
     proto = _Collect()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", _port(base)), proto)
     started = reactor.seconds()
@@ -105,10 +124,9 @@ async def test_slowloris_head_is_dropped_while_others_are_served(gw):
 
 
 @pytest_twisted.ensureDeferred
-async def test_idle_connection_is_dropped_after_header_timeout(gw):
+async def test_idle_connection_is_dropped_after_header_timeout(gw_with):
     """When a client connects and sends nothing, the connection is closed after the header timeout."""
-    service, base, upstream = gw
-    service.site.header_timeout_s = 0.3
+    service, base, upstream = await gw_with(client_header_timeout=0.3)
     started = reactor.seconds()
     data = await raw_exchange(_port(base), b"", timeout_s=5)
     assert 0.25 < reactor.seconds() - started < 3
@@ -116,10 +134,9 @@ async def test_idle_connection_is_dropped_after_header_timeout(gw):
 
 
 @pytest_twisted.ensureDeferred
-async def test_connection_flood_is_capped_with_one_log_line(gw):
-    """When idle connections exceed the limit, extra ones are closed at once and one log line says so."""
-    service, base, upstream = gw
-    service.site.connections.limit = 3
+async def test_connection_flood_is_capped_with_one_log_line(gw_with):
+    """When idle connections exceed the limit, extra ones get a 503 and a close at once, and one log line says so."""
+    service, base, upstream = await gw_with(max_connections=3)
     events = []
     globalLogPublisher.addObserver(events.append)
     held = []
@@ -134,7 +151,8 @@ async def test_connection_flood_is_capped_with_one_log_line(gw):
             await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", _port(base)), proto)
             refused.append(proto)
         for proto in refused:
-            await proto.done  # closed by the gateway without an answer
+            answer = await proto.done  # closed by the gateway, politely
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
         assert all(not p.done.called for p in held)
         for proto in held:
             proto.transport.loseConnection()
@@ -205,10 +223,9 @@ async def _until(condition, timeout_s=5.0):
 
 
 @pytest_twisted.ensureDeferred
-async def test_trickled_body_is_cut_off_after_the_body_timeout(gw):
+async def test_trickled_body_is_cut_off_after_the_body_timeout(gw_with):
     """When a client stops sending its request body, it gets 408 after the body timeout and nothing reaches the upstream."""
-    service, base, upstream = gw
-    service.site.body_timeout_s = 0.3
+    service, base, upstream = await gw_with(client_body_timeout=0.3)
     started = reactor.seconds()
     data = await raw_exchange(_port(base), b"POST /pub/x HTTP/1.1\r\nHost: x\r\n"
                               b"Content-Length: 10\r\n\r\nab", timeout_s=5)
@@ -240,8 +257,8 @@ async def test_client_that_stops_reading_is_cut_off_and_frees_the_upstream():
 
     raw = RawUpstream("endless-body").start()
     service, base = await start_gateway(
-        f"services:\n  big:\n    url: {raw.url}\n    auth: false\n    retries: 0\n")
-    service.pipeline.send_timeout_s = 0.5
+        f"services:\n  big:\n    url: {raw.url}\n    auth: false\n    retries: 0\n"
+        "settings:\n  client_send_timeout: 0.5\n")
     try:
         proto = _Collect()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", _port(base)), proto)

@@ -307,7 +307,7 @@ async def test_mid_response_close_not_retried(upstreams, gateways):
     up = upstreams("a", default="cut")
     _, base, _ = await gateways(with_settings(
         service_yaml("svc", [up.url], retries=2),
-        breaker_failure_threshold=1, breaker_recovery_time=30, **FAST,
+        breaker_failure_threshold=1, breaker_min_requests=1, breaker_recovery_time=30, **FAST,
     ))
     port = int(base.rsplit(":", 1)[1])
     data = await raw_exchange(port, b"GET /svc/x HTTP/1.1\r\nHost: gw\r\n\r\n")
@@ -324,7 +324,7 @@ async def test_client_leaving_stops_attempts_without_blaming_target(upstreams, g
     up = upstreams("a", default="hang")
     service, base, _ = await gateways(with_settings(
         service_yaml("svc", [up.url], retries=2, timeout=5),
-        breaker_failure_threshold=1, breaker_recovery_time=30, **FAST,
+        breaker_failure_threshold=1, breaker_min_requests=1, breaker_recovery_time=30, **FAST,
     ))
     port = int(base.rsplit(":", 1)[1])
     client = await connectProtocol(
@@ -352,7 +352,7 @@ async def test_open_breaker_fails_fast_without_upstream_contact(upstreams, gatew
     clock = Clock()
     service, base, _ = await gateways(with_settings(
         service_yaml("svc", [up.url], retries=0),
-        breaker_failure_threshold=2, breaker_recovery_time=30,
+        breaker_failure_threshold=2, breaker_min_requests=1, breaker_recovery_time=30,
     ), clock=clock)
     with LogCapture("circuit breaker") as logged:
         for _ in range(2):
@@ -374,7 +374,7 @@ async def test_every_retry_counts_toward_breaker(upstreams, gateways):
     up = upstreams("a", default=502)
     _, base, records = await gateways(with_settings(
         service_yaml("svc", [up.url], retries=5),
-        breaker_failure_threshold=2, breaker_recovery_time=30, **FAST,
+        breaker_failure_threshold=2, breaker_min_requests=1, breaker_recovery_time=30, **FAST,
     ))
     first = await http("GET", base + "/svc/x")
     assert first.code == 502
@@ -393,7 +393,7 @@ async def test_half_open_lets_exactly_one_probe_through(upstreams, gateways):
     clock = Clock()
     service, base, _ = await gateways(with_settings(
         service_yaml("svc", [up.url], retries=0, timeout=5),
-        breaker_failure_threshold=1, breaker_recovery_time=30,
+        breaker_failure_threshold=1, breaker_min_requests=1, breaker_recovery_time=30,
     ), clock=clock)
     assert (await http("GET", base + "/svc/x")).code == 503
     clock.advance(30)
@@ -420,7 +420,7 @@ async def test_failed_probe_reopens(upstreams, gateways):
     clock = Clock()
     _, base, _ = await gateways(with_settings(
         service_yaml("svc", [up.url], retries=0),
-        breaker_failure_threshold=1, breaker_recovery_time=30,
+        breaker_failure_threshold=1, breaker_min_requests=1, breaker_recovery_time=30,
     ), clock=clock)
     await http("GET", base + "/svc/x")
     clock.advance(30)
@@ -437,7 +437,7 @@ async def test_breaker_survives_reload_for_unchanged_target(upstreams, gateways,
     up = upstreams("a", default=503)
     other = upstreams("b", default=200)
     clock = Clock()
-    settings = {"breaker_failure_threshold": 1, "breaker_recovery_time": 30}
+    settings = {"breaker_failure_threshold": 1, "breaker_min_requests": 1, "breaker_recovery_time": 30}
     service, base, _ = await gateways(
         with_settings(service_yaml("svc", [up.url], retries=0), **settings), clock=clock
     )
@@ -495,7 +495,7 @@ async def test_open_target_skipped_in_rotation(upstreams, gateways):
     clock = Clock()
     _, base, _ = await gateways(with_settings(
         service_yaml("svc", [a.url, b.url], retries=0),
-        breaker_failure_threshold=1, breaker_recovery_time=30,
+        breaker_failure_threshold=1, breaker_min_requests=1, breaker_recovery_time=30,
     ), clock=clock)
     codes = [(await http("GET", base + "/svc/x")).code for _ in range(5)]
     assert codes == [503, 200, 200, 200, 200]

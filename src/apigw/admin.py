@@ -6,18 +6,17 @@ must be inside `admin_allow`, and `X-Master-Key` must match MASTER_KEY
 """
 
 import hmac
-import ipaddress
 import json
 import unicodedata
 
 from klein import Klein
 from twisted.internet import defer
-from twisted.internet.address import UNIXAddress
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
+from apigw.addresses import allowed
 from apigw.errors import error_body, request_id_for
 from apigw.keys import KeyStoreUnavailable
 
@@ -68,11 +67,7 @@ class AdminAPI:
     # --- gates and answers ----------------------------------------------------
 
     def _refusal(self, request):
-        address = request.getClientAddress()
-        # A UNIX socket is local by construction; its file mode guards it.
-        if not isinstance(address, UNIXAddress) and not _allowed(
-            getattr(address, "host", None), self._admin_allow()
-        ):
+        if not allowed(request.getClientAddress(), self._admin_allow()):
             return "this address may not use the admin API"
         if self._master_key is None:
             return "the admin API is disabled because MASTER_KEY is not set"
@@ -204,18 +199,6 @@ def _wall_clock():
     from twisted.internet import reactor
 
     return reactor
-
-
-def _allowed(host, networks):
-    if host is None:
-        return False
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address.version == n.version and address in n for n in networks)
 
 
 def _request_id(request):

@@ -68,12 +68,14 @@ class BreakerRegistry:
 
     log = Logger()
 
-    def __init__(self, clock, failure_threshold, recovery_time_s, metrics=None):
+    def __init__(self, clock, failure_threshold, recovery_time_s, metrics=None,
+                 min_requests=1, failure_ratio=0.0, window_s=10.0):
         self._clock = clock
-        self._failure_threshold = failure_threshold
-        self._recovery_time_s = recovery_time_s
+        self._policy = {}
         self._metrics = metrics
         self._breakers = {}
+        self.configure(failure_threshold, recovery_time_s, min_requests, failure_ratio,
+                       window_s)
 
     def breaker(self, service, url, register=True):
         """The breaker of (service, url), created if new. With register=False
@@ -82,13 +84,12 @@ class BreakerRegistry:
         key = (service, url)
         breaker = self._breakers.get(key)
         if breaker is None and not register:
-            return CircuitBreaker(self._failure_threshold, self._recovery_time_s, self._clock)
+            return CircuitBreaker(clock=self._clock, **self._policy)
         if breaker is None:
             breaker = CircuitBreaker(
-                self._failure_threshold,
-                self._recovery_time_s,
-                self._clock,
+                clock=self._clock,
                 on_transition=breaker_observer(self._metrics, service, url, self.log),
+                **self._policy,
             )
             self._breakers[key] = breaker
         return breaker
@@ -100,23 +101,28 @@ class BreakerRegistry:
     def balancers(self, config):
         """A Balancer per service of a GatewayConfig; drops breakers of targets
         no longer configured and applies the (possibly new) breaker settings."""
+        settings = config.settings
         self.configure(
-            config.settings.breaker_failure_threshold,
-            config.settings.breaker_recovery_time_s,
+            settings.breaker_failure_threshold, settings.breaker_recovery_time_s,
+            settings.breaker_min_requests, settings.breaker_failure_ratio,
+            settings.breaker_window_s,
         )
         self.retain(
             (name, t.url) for name, service in config.services.items() for t in service.targets
         )
         return {name: self.balancer(service) for name, service in config.services.items()}
 
-    def configure(self, failure_threshold, recovery_time_s):
+    def configure(self, failure_threshold, recovery_time_s, min_requests=1,
+                  failure_ratio=0.0, window_s=10.0):
         """New thresholds for new and existing breakers; a running recovery
         timer keeps its original deadline."""
-        self._failure_threshold = failure_threshold
-        self._recovery_time_s = recovery_time_s
+        self._policy = {
+            "failure_threshold": failure_threshold, "recovery_time_s": recovery_time_s,
+            "min_requests": min_requests, "failure_ratio": failure_ratio, "window_s": window_s,
+        }
         for breaker in self._breakers.values():
-            breaker.failure_threshold = failure_threshold
-            breaker.recovery_time_s = recovery_time_s
+            for name, value in self._policy.items():
+                setattr(breaker, name, value)
 
     def retain(self, keys):
         """Stop and forget breakers whose (service, url) is not in `keys`."""

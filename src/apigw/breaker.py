@@ -6,6 +6,7 @@ report each attempt's outcome. Metrics and logging hook in through
 """
 
 import math
+from collections import deque
 
 from twisted.logger import Logger
 
@@ -17,22 +18,33 @@ HALF_OPEN = "half_open"
 
 
 class CircuitBreaker:
-    """closed -> open after `failure_threshold` consecutive failures; a timer
-    moves open -> half_open after `recovery_time_s`; half_open lets exactly
-    one probe through, whose success closes and whose failure reopens."""
+    """closed -> open after `failure_threshold` consecutive failures, once
+    the last `window_s` seconds also held at least `min_requests` attempts
+    of which at least `failure_ratio` failed (so a handful of slow requests
+    cannot shut a target for everyone); a timer moves open -> half_open
+    after `recovery_time_s`; half_open lets exactly one probe through, whose
+    success closes and whose failure reopens."""
 
     log = Logger()
 
-    def __init__(self, failure_threshold, recovery_time_s, clock, on_transition=None):
+    def __init__(self, failure_threshold, recovery_time_s, clock, on_transition=None,
+                 min_requests=1, failure_ratio=0.0, window_s=10.0):
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be at least 1")
         # Public and mutable so a config reload can retune a breaker it keeps.
         self.failure_threshold = failure_threshold
         self.recovery_time_s = recovery_time_s
+        self.min_requests = min_requests
+        self.failure_ratio = failure_ratio
+        self.window_s = window_s
         self._clock = clock
         self._on_transition = on_transition
         self.state = CLOSED
         self._failures = 0
+        # While closed: (when, failed) of the attempts in the window, oldest
+        # first, and how many of them failed.
+        self._window = deque()
+        self._window_failures = 0
         self._timer = None
         self._half_open_at = None
         self._probe_out = False
@@ -53,6 +65,7 @@ class CircuitBreaker:
     def record_success(self):
         if self.state == CLOSED:
             self._failures = 0
+            self._count(False)
         elif self.state == HALF_OPEN and self._probe_out:
             self._probe_out = False
             self._failures = 0
@@ -63,7 +76,9 @@ class CircuitBreaker:
     def record_failure(self):
         if self.state == CLOSED:
             self._failures += 1
-            if self._failures >= self.failure_threshold:
+            attempts = self._count(True)
+            if self._failures >= self.failure_threshold and attempts >= self.min_requests \
+                    and self._window_failures >= self.failure_ratio * attempts:
                 self._open()
         elif self.state == HALF_OPEN and self._probe_out:
             self._probe_out = False
@@ -94,8 +109,21 @@ class CircuitBreaker:
             self._timer.cancel()
         self._timer = None
 
+    def _count(self, failed):
+        """Add an attempt to the window; returns how many it holds."""
+        now = self._clock.seconds()
+        window = self._window
+        window.append((now, failed))
+        self._window_failures += failed
+        horizon = now - self.window_s
+        while window[0][0] < horizon:
+            self._window_failures -= window.popleft()[1]
+        return len(window)
+
     def _open(self):
         self._failures = 0
+        self._window.clear()
+        self._window_failures = 0
         self.stop()
         self._half_open_at = self._clock.seconds() + self.recovery_time_s
         self._timer = self._clock.callLater(self.recovery_time_s, self._half_open)

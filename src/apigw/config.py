@@ -87,6 +87,30 @@ class Settings:
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("::1/128"),
     )
+    # The breaker's minimum volume: no verdict on a target from fewer
+    # attempts, or a lower share of failures, within the window.
+    breaker_min_requests: int = 10
+    breaker_failure_ratio: float = 0.5
+    breaker_window_s: float = 10.0
+    # Who sees /metrics and the names in /readyz's answer.
+    metrics_allow: Tuple[object, ...] = (
+        ipaddress.ip_network("0.0.0.0/0"),
+        ipaddress.ip_network("::/0"),
+    )
+    # Edge limits: the client side.
+    client_header_timeout_s: float = 10.0
+    client_body_timeout_s: float = 60.0
+    client_send_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 60.0
+    max_connections: Optional[int] = None  # None: what the open-files limit allows
+    client_max_line_bytes: int = 8 * 1024
+    client_max_headers: int = 100
+    client_max_head_bytes: int = 32 * 1024
+    # Edge limits: the upstream side.
+    upstream_max_head_bytes: int = 64 * 1024
+    upstream_max_headers: int = 100
+    upstream_max_idle_per_target: int = 64
+    upstream_idle_timeout_s: float = 120.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -153,6 +177,14 @@ def _choice(*options):
     return check
 
 
+def _ratio(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad(f"must be a number between 0 and 1, not {_describe(value)}")
+    if not 0 < value <= 1:
+        raise _Bad(f"must be more than 0 and at most 1, not {value}")
+    return float(value)
+
+
 def _cidrs(value):
     if not isinstance(value, list):
         raise _Bad(f"must be a list of CIDRs, not {_describe(value)}")
@@ -201,6 +233,22 @@ SETTINGS_FIELDS = {
     "shutdown_grace": ("shutdown_grace_s", _seconds(positive=False)),
     "max_body_bytes": ("max_body_bytes", _int()),
     "admin_allow": ("admin_allow", _cidrs),
+    "breaker_min_requests": ("breaker_min_requests", _int(minimum=1)),
+    "breaker_failure_ratio": ("breaker_failure_ratio", _ratio),
+    "breaker_window": ("breaker_window_s", _seconds()),
+    "metrics_allow": ("metrics_allow", _cidrs),
+    "client_header_timeout": ("client_header_timeout_s", _seconds()),
+    "client_body_timeout": ("client_body_timeout_s", _seconds()),
+    "client_send_timeout": ("client_send_timeout_s", _seconds()),
+    "keepalive_timeout": ("keepalive_timeout_s", _seconds()),
+    "max_connections": ("max_connections", _int(minimum=1, nullable=True)),
+    "client_max_line_bytes": ("client_max_line_bytes", _int(minimum=256)),
+    "client_max_headers": ("client_max_headers", _int(minimum=1)),
+    "client_max_head_bytes": ("client_max_head_bytes", _int(minimum=256)),
+    "upstream_max_head_bytes": ("upstream_max_head_bytes", _int(minimum=256)),
+    "upstream_max_headers": ("upstream_max_headers", _int(minimum=1)),
+    "upstream_max_idle_per_target": ("upstream_max_idle_per_target", _int()),
+    "upstream_idle_timeout": ("upstream_idle_timeout_s", _seconds()),
 }
 
 SERVICE_FIELDS = {

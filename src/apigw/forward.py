@@ -85,7 +85,7 @@ class Forwarder:
 
     def __init__(self, client, metrics, clock, breakers=None, jitter=random.random,
                  debug=False):
-        self._client = client
+        self.client = client
         self._clock = clock
         self._metrics = metrics
         self._jitter = jitter
@@ -99,6 +99,8 @@ class Forwarder:
         self.breakers = breakers if breakers is not None else BreakerRegistry(
             clock, defaults.breaker_failure_threshold,
             defaults.breaker_recovery_time_s, metrics=metrics,
+            min_requests=defaults.breaker_min_requests,
+            failure_ratio=defaults.breaker_failure_ratio, window_s=defaults.breaker_window_s,
         )
         self._balancers = {}
         self._configured = False
@@ -111,10 +113,18 @@ class Forwarder:
         self._backoff_max_s = settings.backoff_max_s
         self._balancers = self.breakers.balancers(config)
         self._configured = True
+        configure_client = getattr(self.client, "configure", None)
+        if configure_client is not None:  # our pool; an Agent has no such knobs
+            configure_client(
+                max_idle_per_target=settings.upstream_max_idle_per_target,
+                idle_timeout_s=settings.upstream_idle_timeout_s,
+                max_head_bytes=settings.upstream_max_head_bytes,
+                max_headers=settings.upstream_max_headers,
+            )
 
     def close(self):
         self.breakers.stop()
-        return self._client.close_idle()
+        return self.client.close_idle()
 
     def balancer_for(self, service):
         balancer = self._balancers.get(service.name)
@@ -214,7 +224,7 @@ class Forwarder:
                 attempt=outcome.attempts,
             )
         started = self._clock.seconds()
-        d = self._client.request(
+        d = self.client.request(
             target, request.method, path, [(b"Host", target.host_header)] + header_pairs,
             body_producer(request),
         )

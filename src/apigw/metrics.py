@@ -15,9 +15,10 @@ soon as one of them has tripped).
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+from twisted.web.server import NOT_DONE_YET
 
 import apigw
-from apigw.errors import GetOnly
+from apigw.errors import GetOnly, error_response
 
 # A gateway adds milliseconds; upstreams may take tens of seconds.
 LATENCY_BUCKETS_S = (
@@ -155,11 +156,16 @@ class _Exposition:
 
 
 class MetricsResource(GetOnly):
+    """/metrics; `trusted(address)` says who may scrape it (403 for others)."""
 
-    def __init__(self, metrics):
+    def __init__(self, metrics, trusted=lambda address: True):
         super().__init__()
         self._metrics = metrics
+        self._trusted = trusted
 
     def render_GET(self, request):
+        if not self._trusted(request.getClientAddress()):
+            error_response(request, 403, "this address may not read the metrics")
+            return NOT_DONE_YET
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return self._metrics.render()

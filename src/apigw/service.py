@@ -10,8 +10,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from apigw.accounting import Accounting
+from apigw.addresses import allowed
 from apigw.admin import AdminAPI
 from apigw.config import ConfigError, reload_config
+from apigw.fdlimit import connection_cap, raise_open_files_limit
 from apigw.forward import Forwarder, default_client
 from apigw.keys import Authenticator, KeyStore, KeyStoreUnavailable
 from apigw.listener import Listener
@@ -65,10 +67,13 @@ class GatewayService(MultiService):
         )
         self.pipeline = Pipeline(self.authenticator, self.rate_limiting, self.forwarder,
                                  self.accounting, self.metrics, self.clock)
+        # Every client connection costs a file descriptor: take what the
+        # hard limit allows, so the cap below stays under it.
+        self._open_files = raise_open_files_limit()
         self.root = GatewayRoot()
         self.root.putChild(b"healthz", Healthz())
-        self.root.putChild(b"readyz", Readyz(self.readiness))
-        self.root.putChild(b"metrics", MetricsResource(self.metrics))
+        self.root.putChild(b"readyz", Readyz(self.readiness, self._metrics_trusted))
+        self.root.putChild(b"metrics", MetricsResource(self.metrics, self._metrics_trusted))
         self.admin = AdminAPI(
             self.key_store, self.authenticator, config.env.master_key,
             admin_allow=lambda: self.config.settings.admin_allow,
@@ -83,7 +88,11 @@ class GatewayService(MultiService):
             self.root.putChild(b"admin", self.admin.resource())
         else:
             # With --admin-port, /admin exists only there.
-            admin_site = self._site(self.admin.root_resource())
+            admin_root = self.admin.root_resource()
+            # Prometheus can scrape the admin listener, off the public one.
+            admin_root.putChild(b"metrics",
+                                MetricsResource(self.metrics, self._metrics_trusted))
+            admin_site = self._site(admin_root)
             admin_site.listener_name = "admin"
             self.admin_listener = Listener(admin_port, admin_site, reactor)
             self.admin_listener.setServiceParent(self)
@@ -93,8 +102,12 @@ class GatewayService(MultiService):
 
     def _site(self, resource):
         site = GatewaySite(resource, self.pipeline, self.clock, self._body_limit)
+        site.configure(self.config.settings, self._connection_cap)
         self.sites.append(site)
         return site
+
+    def _metrics_trusted(self, address):
+        return allowed(address, self.config.settings.metrics_allow)
 
     def when_listening(self):
         """Fires with the listening port once startService has bound it."""
@@ -160,8 +173,12 @@ class GatewayService(MultiService):
             [config.settings.max_body_bytes]
             + [s.max_body_bytes for s in config.services.values()]
         )
+        settings = config.settings
+        self._connection_cap = connection_cap(settings.max_connections, self._open_files)
         for site in self.sites:
             site.body_limit = self._body_limit
+            site.configure(settings, self._connection_cap)
+        self.pipeline.send_timeout_s = settings.client_send_timeout_s
         previous = self.root.routes
         routes = {}
         for name, service in config.services.items():

@@ -12,6 +12,7 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -177,10 +178,31 @@ class GatewaySite(server.Site):
         # Twisted's "<prefix> starting on <port>" line: not a class name.
         return f"apigw {self.listener_name} listener"
 
+    # Per-connection limits of the request head (GatewayChannel's own
+    # defaults until configure() says otherwise).
+    max_line_bytes = GatewayChannel.MAX_LENGTH
+    max_headers = GatewayChannel.maxHeaders
+    max_head_bytes = GatewayChannel.totalHeadersSize
+
+    def configure(self, settings, connection_cap):
+        """The edge limits of a loaded or reloaded config; open connections
+        keep their head limits, their deadlines follow at once."""
+        self.header_timeout_s = settings.client_header_timeout_s
+        self.body_timeout_s = settings.client_body_timeout_s
+        self.idle_timeout_s = settings.keepalive_timeout_s
+        self.max_line_bytes = settings.client_max_line_bytes
+        self.max_headers = settings.client_max_headers
+        self.max_head_bytes = settings.client_max_head_bytes
+        self.connections.limit = connection_cap
+
     def buildProtocol(self, addr):
         if not self.connections.admit(addr):
-            return None  # closes the connection at once
-        return super().buildProtocol(addr)
+            return _Refusal()
+        channel = super().buildProtocol(addr)
+        channel.MAX_LENGTH = self.max_line_bytes
+        channel.maxHeaders = self.max_headers
+        channel.totalHeadersSize = self.max_head_bytes
+        return channel
 
     def connection_opened(self, channel):
         self.connections.open += 1
@@ -217,6 +239,19 @@ class GatewaySite(server.Site):
         pass
 
 
+class _Refusal(Protocol):
+    """Past the connection cap: a 503 the client can read, then close."""
+
+    BODY = b'{"error": "the gateway is at its connection limit; try again shortly"}'
+
+    def connectionMade(self):
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nServer: apigw\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nRetry-After: 1\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(self.BODY), self.BODY))
+        self.transport.loseConnection()
+
+
 def json_response(request, status, payload):
     body = json.dumps(payload).encode("utf-8")
     request.setResponseCode(status)
@@ -235,12 +270,14 @@ class Readyz(GetOnly):
     """200 while every part answers; 503 naming the parts that do not.
 
     `readiness` is an async callable returning the names of the parts
-    that are down (empty when ready).
+    that are down (empty when ready); `trusted(address)` says who may see
+    those names (the others get the status alone).
     """
 
-    def __init__(self, readiness):
+    def __init__(self, readiness, trusted=lambda address: True):
         super().__init__()
         self._readiness = readiness
+        self._trusted = trusted
 
     def render_GET(self, request):
         d = Deferred.fromCoroutine(self._readiness())
@@ -257,7 +294,10 @@ class Readyz(GetOnly):
         if request.client_gone:
             return
         if down:
-            body = json_response(request, 503, {"status": "unavailable", "down": down})
+            answer = {"status": "unavailable"}
+            if self._trusted(request.getClientAddress()):
+                answer["down"] = down
+            body = json_response(request, 503, answer)
         else:
             body = json_response(request, 200, {"status": "ready"})
         request.write(body)

@@ -78,6 +78,14 @@ class ConnectionPool:
         self._methods = set()
         self._sweep_call = None
 
+    def configure(self, max_idle_per_target, idle_timeout_s, max_head_bytes, max_headers):
+        """New limits (a config reload): idle connections beyond the new
+        count go when next released; new connections take the head limits."""
+        self.max_idle_per_target = max_idle_per_target
+        self.idle_timeout_s = idle_timeout_s
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+
     def request(self, target, method, path, headers=None, body_producer=None):
         """Send one request to `target`; fires with an UpstreamResponse once
         its headers are in.
