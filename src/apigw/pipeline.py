@@ -12,6 +12,7 @@ the request ends in one Outcome that `Accounting` records.
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from apigw.deadlines import Watchdog
 from apigw.errors import GatewayError, error_response
@@ -52,9 +53,67 @@ class Pipeline:
         self._metrics = metrics
         self._clock = clock
         self.watchdog = Watchdog(clock, self.stall_check_interval_s)
+        # Requests whose checks ran at head time, until their body is in.
+        self._early = {}
+
+    def head_received(self, request, length):
+        """A request's head is in and a body follows (`length`, or None
+        for chunked): for a service, run the checks now, before its body is
+        read. The body waits (reading paused, no 100 Continue) until they
+        pass; a refusal is answered at once and the connection closed, so
+        no client uploads megabytes to be told 401, 413 or 429."""
+        if request.path in UNCOUNTED or _refusal(request) is not None:
+            return
+        route = request.site.getResourceFor(request)
+        if getattr(route, "service", None) is None:
+            return  # the admin API, a 404: twisted.web reads the body as usual
+        early = _Early(self._accounting.opened(request), request)
+        early.outcome.service = route.service.name
+        self._early[request] = early
+        request.transport.pauseProducing()
+        checks = Deferred.fromCoroutine(self._checks(request, route, early.outcome, length))
+        early.checks = checks
+        request.notifyFinish().addErrback(lambda _: checks.cancel())
+        request.notifyFinish().addErrback(self._gone_early, request, early)
+        checks.addBoth(self._checked, request, early)
+
+    def _gone_early(self, _, request, early):
+        # Gone after its checks, before its body was in: nothing else will
+        # account for it (a journey, or _checked, would have popped it).
+        if self._early.get(request) is early and early.journey is None:
+            del self._early[request]
+            self._close(request, early.outcome)
+
+    def _checked(self, result, request, early):
+        early.checks = None
+        if isinstance(result, Failure):
+            if early.journey is None:
+                if request.client_gone:
+                    # Gone before its body was in: no journey will account it.
+                    self._early.pop(request, None)
+                    self._journey_ended(result, request, early.outcome)
+                    return
+                # Refused: answered now, without reading the body.
+                early.result = result
+                request.channel.answer_early(request)
+                return
+            early.result = result
+        else:
+            early.result = result
+            if early.expect_continue and not request.client_gone:
+                request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.transport.resumeProducing()
+        waiting, early.waiting = early.waiting, None
+        if waiting is not None:
+            _fire(waiting, early.result)
 
     def process(self, request):
         """Entry point for a parsed request (GatewayRequest.process)."""
+        early = self._early.pop(request, None)
+        if early is not None:
+            self._start_journey(request, request.site.getResourceFor(request), early.outcome,
+                                early)
+            return
         if request.path in UNCOUNTED:
             self._render(request, request.site.getResourceFor(request))
             return
@@ -74,29 +133,28 @@ class Pipeline:
             self._render(request, resource)
             return
         outcome.service = service.name
-        d = Deferred.fromCoroutine(self._journey(request, resource, outcome))
+        self._start_journey(request, resource, outcome)
+
+    def _start_journey(self, request, route, outcome, early=None):
+        d = Deferred.fromCoroutine(self._journey(request, route, outcome, early))
+        if early is not None:
+            early.journey = d
         request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addBoth(self._journey_ended, request, outcome)
 
-    async def _journey(self, request, route, outcome):
+    async def _journey(self, request, route, outcome, early=None):
+        if early is None:
+            checked = await self._checks(request, route, outcome, request.body_length)
+        else:
+            checked = await early.outcome_of_checks()
+        consumer, limit_headers = checked
         service = route.service
-        settings = route.settings
-        upstream_path = forwarded_path(request.uri, service)
-        # size
         if request.body_too_large or request.body_length > service.max_body_bytes:
+            # A chunked body, whose size was known only now.
             raise GatewayError(413, f"request body is larger than {service.max_body_bytes} bytes")
-        # auth
-        consumer = None
-        if service.auth:
-            consumer = await self._authenticate(request, service)
-            outcome.consumer = consumer
-        # limit
-        limit_headers = await self._rate_limiting.check(
-            service, consumer, request.client_ip, settings)
-        outcome.extra_headers = limit_headers  # answers from here on carry them
         # breaker, forward
         forwarded = await self._forwarder.forward(
-            request, service, upstream_path, consumer, outcome)
+            request, service, forwarded_path(request.uri, service), consumer, outcome)
         # relay
         ended = await relay(request, forwarded.response, limit_headers,
                             request.site.date.now(), service.timeout_s, self._clock,
@@ -109,6 +167,27 @@ class Pipeline:
                 raise GatewayError(502, f"upstream {service.name} sent a malformed response")
             outcome.error = "upstream body cut short"
         return ended
+
+    async def _checks(self, request, route, outcome, length):
+        """route, size, auth, limit: (consumer, rate-limit headers), or the
+        GatewayError the client is answered with. `length`: the body's size
+        as declared or read (None: chunked, still unknown)."""
+        service = route.service
+        # route: the tree found the service; the rest must stay inside it.
+        forwarded_path(request.uri, service)
+        # size
+        if request.body_too_large or (length is not None and length > service.max_body_bytes):
+            raise GatewayError(413, f"request body is larger than {service.max_body_bytes} bytes")
+        # auth
+        consumer = None
+        if service.auth:
+            consumer = await self._authenticate(request, service)
+            outcome.consumer = consumer
+        # limit
+        limit_headers = await self._rate_limiting.check(
+            service, consumer, request.client_ip, route.settings)
+        outcome.extra_headers = limit_headers  # answers from here on carry them
+        return consumer, limit_headers
 
     async def _authenticate(self, request, service):
         given = request.requestHeaders.getRawHeaders(b"x-api-key")
@@ -160,6 +239,44 @@ class Pipeline:
         outcome.status = request.code if request.finished or outcome.error else CLIENT_CLOSED
         outcome.bytes_sent = request.bytes_sent
         self._accounting.closed(outcome)
+
+
+class _Early:
+    """A request whose checks ran when its head came in: the pipeline's
+    record of it until its body is in too."""
+
+    __slots__ = ("outcome", "expect_continue", "checks", "result", "waiting", "journey")
+
+    def __init__(self, outcome, request):
+        self.outcome = outcome
+        # Ours to send once the checks pass: twisted.web would send it at once.
+        expect = request.requestHeaders.getRawHeaders(b"expect")
+        self.expect_continue = bool(expect) and expect[0].lower() == b"100-continue" \
+            and request.clientproto == b"HTTP/1.1"
+        request.requestHeaders.removeHeader(b"expect")
+        self.checks = None
+        self.result = None  # (consumer, headers), or the Failure
+        self.waiting = None
+        self.journey = None
+
+    def outcome_of_checks(self):
+        if self.result is not None:
+            return _fired(self.result)
+        self.waiting = Deferred()
+        return self.waiting
+
+
+def _fired(result):
+    d = Deferred()
+    _fire(d, result)
+    return d
+
+
+def _fire(d, result):
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
 
 
 def _refusal(request):

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from apigw._twisted_compat import start_response
+from apigw._twisted_compat import request_line, start_response
 from apigw.channel import ConnectionLimit, GatewayChannel
 from apigw.deadlines import Watchdog
 from apigw.errors import GetOnly, error_response, request_id_for
@@ -61,13 +61,29 @@ class GatewayRequest(server.Request):
     request_id = None
 
     def gotLength(self, length):
-        if length is not None and length > self.channel.site.body_limit:
+        site = self.channel.site
+        if length is not None and length > site.body_limit:
             # Hopeless already: answer 413 now instead of reading it all.
             self.body_too_large = True
             super().gotLength(0)
             self.channel.answer_early(self)
             return
         super().gotLength(length)
+        if length != 0:
+            # A body follows: the pipeline may decide before it is read.
+            self._prepare(*request_line(self.channel))
+            site.pipeline.head_received(self, length)
+
+    def _prepare(self, method, uri, version):
+        """What requestReceived() and process() set, as soon as the head is
+        in: the request line, its id, and the paths the tree routes by."""
+        self.method, self.uri, self.clientproto = method, uri, version
+        self.path = uri.split(b"?", 1)[0]
+        self.site = self.channel.site
+        if self.request_id is None:
+            self.request_id = request_id_for(self)
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
 
     def handleContentChunk(self, data):
         if self.body_too_large:
@@ -94,7 +110,8 @@ class GatewayRequest(server.Request):
     def process(self):
         site = self.channel.site
         self.site = site
-        self.request_id = request_id_for(self)
+        if self.request_id is None:
+            self.request_id = request_id_for(self)
         # What server.Request.process prepares for the resource tree.
         self.prepath = []
         self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
