@@ -101,12 +101,15 @@ _SCHEMAS = {
     },
     "Status": {
         "type": "object",
-        "required": ["generated_at", "window_s", "services"],
+        "required": ["generated_at", "window_s", "rate_period_s", "services"],
         "properties": {
             "generated_at": {"type": "string", "format": "date-time"},
             "window_s": {"type": "number",
                          "description": "Seconds the traffic figures cover (up to 300; "
                                         "less just after the start)."},
+            "rate_period_s": {"type": "number",
+                              "description": "settings.rate_period, the period of every "
+                                             "rate_limit."},
             "services": {"type": "array", "items": _ref("ServiceStatus")},
         },
     },

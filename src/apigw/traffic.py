@@ -128,6 +128,7 @@ class TrafficHistory:
         return {
             "generated_at": isoformat(now.at),
             "window_s": round(now.at - base.at, 1) if base is not None else 0.0,
+            "rate_period_s": config.settings.rate_period_s,
             "services": services,
         }
 

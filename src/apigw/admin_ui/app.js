@@ -122,13 +122,14 @@
     return svg;
   }
 
-  function serviceRow(service) {
+  function serviceRow(service, periodS) {
     const row = el("tr");
     row.dataset.service = service.name;
 
     const name = el("td");
     name.append(el("div", "service-name", service.name));
-    const limit = service.rate_limit === null ? "no rate limit" : `${service.rate_limit} per period`;
+    const limit = service.rate_limit === null ? "no rate limit"
+      : `${service.rate_limit} requests per ${periodS} s`;
     name.append(el("div", "service-meta", `${service.auth ? "API key" : "public"} · ${limit}`));
 
     const targets = el("ul", "targets");
@@ -162,7 +163,7 @@
 
   function renderStatus(status) {
     const body = $("services").tBodies[0];
-    const rows = status.services.map(serviceRow);
+    const rows = status.services.map((s) => serviceRow(s, status.rate_period_s));
     if (!rows.length) {
       const empty = el("tr");
       const cell = el("td", "empty", "No services are configured.");
