@@ -182,3 +182,22 @@ async def test_status_needs_the_gates_and_answers_the_callable(store, clock):
     assert response.code == 403
     response, body = await Client(make(store, clock)).call("GET", "/admin/status")
     assert response.code == 503
+
+
+def test_cookie_is_secure_under_tls():
+    """When the request came over TLS, the session cookie carries Secure; it is cleared the same way."""
+    from twisted.internet.task import Clock
+    from twisted.web.http import Request
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from apigw.admin_session import Sessions
+
+    sessions = Sessions(MASTER.encode(), None, Clock())
+    request = Request(DummyChannel())
+    request.isSecure = lambda: True
+    session, value = sessions.issue()
+    sessions.set_cookie(request, value, session.expires_at)
+    sessions.clear_cookie(request)
+    set_cookie, cleared = request.cookies
+    assert b"; Secure" in set_cookie and b"; HttpOnly" in set_cookie
+    assert b"Max-Age=0" in cleared and b"; Secure" in cleared
