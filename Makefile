@@ -40,26 +40,32 @@ demo: $(VENV)/.installed-demo
 test: $(VENV)/.installed-test promtool
 	PATH="$$PATH:$(CURDIR)/$(BIN)" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# promtool checks the /metrics output. Only its binary is taken from Debian's
-# prometheus package (apt-get download + dpkg -x, nothing installed):
-# installing the package would also enable and start a Prometheus server.
-# A system promtool wins; tests that need one skip when neither is there.
+# promtool checks the /metrics output; prometheus evaluates every query of
+# contrib/grafana/apigw-dashboard.json against a gateway under traffic. Only
+# their binaries are taken from Debian's prometheus package (apt-get download
+# + dpkg -x, nothing installed): installing the package would also enable and
+# start a Prometheus server. System binaries win; tests that need one skip
+# when neither is there.
 promtool: | $(BIN)/python
 	@set -u; \
-	if [ -x "$$(command -v promtool)" ] || [ -x $(BIN)/promtool ]; then exit 0; fi; \
+	need=; \
+	for tool in promtool prometheus; do \
+	  if ! [ -x "$$(command -v $$tool)" ] && ! [ -x $(BIN)/$$tool ]; then need="$$need $$tool"; fi; \
+	done; \
+	if [ -z "$$need" ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg >/dev/null 2>&1; then \
-	  echo "make test: promtool is missing and apt-get/dpkg are not here; tests that need it will skip"; \
+	  echo "make test:$$need missing and apt-get/dpkg are not here; tests that need them will skip"; \
 	  exit 0; \
 	fi; \
-	echo "make test: fetching promtool into $(BIN) (Debian package prometheus, unpacked, not installed)"; \
+	echo "make test: fetching$$need into $(BIN) (Debian package prometheus, unpacked, not installed)"; \
 	log=$(CURDIR)/$(VENV)/promtool-fetch.log; tmp=$$(mktemp -d); chmod 755 "$$tmp"; \
 	if (cd "$$tmp" \
 	    && { apt-get download prometheus || { apt-get update -q && apt-get download prometheus; }; } \
 	    && dpkg -x prometheus_*.deb unpacked) >"$$log" 2>&1 \
-	   && cp "$$tmp/unpacked/usr/bin/promtool" $(BIN)/promtool; then :; \
+	   && (for tool in $$need; do cp "$$tmp/unpacked/usr/bin/$$tool" $(BIN)/$$tool || exit 1; done); then :; \
 	else \
 	  tail -n 5 "$$log"; \
-	  echo "make test: could not fetch promtool; tests that need it will skip"; \
+	  echo "make test: could not fetch$$need; tests that need them will skip"; \
 	fi; \
 	rm -rf "$$tmp"
 

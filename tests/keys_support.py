@@ -46,7 +46,7 @@ def pg_url(dbname):
 def _reset_pg(dbname):
     conn = _admin_connection(dbname)
     with conn.cursor() as cur:
-        cur.execute("DROP TABLE IF EXISTS api_keys, apigw_schema")
+        cur.execute("DROP TABLE IF EXISTS api_keys, admin_sessions_ended, apigw_schema")
     conn.close()
 
 

@@ -114,6 +114,9 @@ def test_wheel_install_has_the_dropin_the_commands_and_the_starter_config(fresh_
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/apigw_plugin.py" in names
     assert "apigw/starter_config.yaml" in names and "apigw/cli.py" in names
+    # The admin page is served from the installed package.
+    for asset in ("index.html", "app.css", "app.js"):
+        assert f"apigw/admin_ui/{asset}" in names, names
     # twisted and twisted.plugins are Twisted's; an __init__.py of ours would shadow them.
     assert not [n for n in names if n.startswith("twisted/") and n.endswith("__init__.py")]
     assert not [n for n in names if n.startswith("tests/") or "/tests/" in n], names

@@ -3,6 +3,9 @@
 Every call passes two gates before routing matters: the caller's address
 must be inside `admin_allow`, and `X-Master-Key` must match MASTER_KEY
 (compared in constant time). Without MASTER_KEY every call is refused.
+Instead of the header, the admin web page (apigw.admin_ui) sends its
+session cookie, plus its CSRF token on every call that changes state
+(apigw.admin_session).
 """
 
 import hmac
@@ -17,6 +20,7 @@ from werkzeug.exceptions import BadHost, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from apigw.addresses import allowed
+from apigw.admin_session import COOKIE, SAFE_METHODS, Sessions
 from apigw.errors import error_body, request_id_for
 from apigw.keys import KeyStoreUnavailable
 
@@ -41,10 +45,11 @@ class AdminAPI:
     log = Logger()
 
     def __init__(self, store, authenticator, master_key, admin_allow, service_names,
-                 reload=None, clock=None):
+                 reload=None, clock=None, status=None):
         """`admin_allow`: networks, or a callable returning the current ones;
         `service_names`: callable returning the configured service names;
-        `reload`: callable (may return a Deferred) giving the new config."""
+        `reload`: callable (may return a Deferred) giving the new config;
+        `status`: callable returning GET /admin/status's answer."""
         self._store = store
         self._authenticator = authenticator
         # None: every call is refused (apigw.startup logs that once).
@@ -53,10 +58,15 @@ class AdminAPI:
         self._service_names = service_names
         self._reload = reload
         self._clock = clock if clock is not None else _wall_clock()
+        self._status = status
+        self.sessions = Sessions(self._master_key, store, self._clock)
 
     def resource(self):
         """Mount as the child `admin` of the public root."""
-        return _UrlGate(self, self.app.resource())
+        # Here, not at the top: the page answers with this module's helpers.
+        from apigw.admin_ui import AdminUI
+
+        return _UrlGate(self, self.app.resource(), AdminUI(self).resource())
 
     def root_resource(self):
         """The whole tree of the --admin-port listener: /admin/... and JSON 404s."""
@@ -66,23 +76,48 @@ class AdminAPI:
 
     # --- gates and answers ----------------------------------------------------
 
-    def _refusal(self, request):
+    def address_refusal(self, request):
+        """Why the caller's address may not use the admin API, else None;
+        then why the admin API is off altogether, else None."""
         if not allowed(request.getClientAddress(), self._admin_allow()):
             return "this address may not use the admin API"
         if self._master_key is None:
             return "the admin API is disabled because MASTER_KEY is not set"
+        return None
+
+    def master_key_matches(self, given):
+        given = given.encode("utf-8") if isinstance(given, str) else given
+        return self._master_key is not None and hmac.compare_digest(given, self._master_key)
+
+    def _refusal(self, request):
+        refusal = self.address_refusal(request)
+        if refusal is not None:
+            return refusal
         given = request.getHeader(b"x-master-key")
         if given is None:
-            return "missing X-Master-Key header"
-        if not hmac.compare_digest(given.encode("utf-8") if isinstance(given, str) else given,
-                                   self._master_key):
+            return self._session_refusal(request)
+        if not self.master_key_matches(given):
             return "wrong X-Master-Key"
         return None
 
-    def _gate(self, request):
+    def _session_refusal(self, request):
+        if request.getCookie(COOKIE) is None:
+            return "missing X-Master-Key header"
+        session = self.sessions.from_request(request)
+        if session is None:
+            return "the admin page session has expired or is not valid; log in again"
+        if request.method not in SAFE_METHODS and not self.sessions.csrf_ok(session, request):
+            return "this call changes state and needs the session's X-CSRF-Token header"
+        return None
+
+    async def _gate(self, request):
         refusal = self._refusal(request)
         if refusal is not None:
             raise AdminError(403, refusal)
+        if request.getHeader(b"x-master-key") is None:
+            # Signed and unexpired, but it may have been logged out since.
+            if await self.sessions.ended(self.sessions.from_request(request)):
+                raise AdminError(403, "the admin page session has ended; log in again")
 
     @app.handle_errors(AdminError)
     def _admin_error(self, request, failure):
@@ -116,7 +151,7 @@ class AdminAPI:
     @app.route("/generate_key", methods=["POST"])
     @app.route("/keys", methods=["POST"])
     async def create_key(self, request):
-        self._gate(request)
+        await self._gate(request)
         spec = key_spec(_json_body(request), set(self._service_names()))
         record, raw_key = await self._store.create_key(**spec)
         self.log.info("admin: created API key {id} ({prefix}...) for {owner}",
@@ -125,14 +160,14 @@ class AdminAPI:
 
     @app.route("/keys", methods=["GET"])
     async def list_keys(self, request):
-        self._gate(request)
+        await self._gate(request)
         now = self._clock.seconds()
         records = await self._store.list_keys()
         return _answer(request, 200, key_list_json(records, now))
 
     @app.route("/keys/<string:key_id>", methods=["GET"])
     async def get_key(self, request, key_id):
-        self._gate(request)
+        await self._gate(request)
         record = await self._store.get_key(key_id)
         if record is None:
             raise AdminError(404, "no API key has this id")
@@ -140,7 +175,7 @@ class AdminAPI:
 
     @app.route("/keys/<string:key_id>", methods=["DELETE"])
     async def revoke_key(self, request, key_id):
-        self._gate(request)
+        await self._gate(request)
         if not await self._store.revoke_key(key_id):
             raise AdminError(404, "no API key has this id")
         # At once on this process; other processes within auth_cache_ttl.
@@ -151,7 +186,7 @@ class AdminAPI:
 
     @app.route("/reload", methods=["POST"])
     async def reload(self, request):
-        self._gate(request)
+        await self._gate(request)
         if self._reload is None:
             raise AdminError(503, "reloading is not available in this process")
         try:
@@ -166,9 +201,16 @@ class AdminAPI:
             names = sorted(self._service_names())
         return _answer(request, 200, {"status": "reloaded", "services": names})
 
+    @app.route("/status", methods=["GET"])
+    async def status(self, request):
+        await self._gate(request)
+        if self._status is None:
+            raise AdminError(503, "the status is not available in this process")
+        return _answer(request, 200, await defer.maybeDeferred(self._status))
+
     @app.route("/openapi.json", methods=["GET"])
-    def openapi(self, request):
-        self._gate(request)
+    async def openapi(self, request):
+        await self._gate(request)
         # Here, not at the top: the document reads this module's limits.
         from apigw.openapi import rendered
 
@@ -236,10 +278,11 @@ class _UrlGate(Resource):
     # What the pipeline counts these requests as.
     account_label = "admin"
 
-    def __init__(self, api, klein_resource):
+    def __init__(self, api, klein_resource, page_resource):
         super().__init__()
         self._api = api
         self._klein = klein_resource
+        self._page = page_resource
 
     def render(self, request):
         try:
@@ -250,13 +293,25 @@ class _UrlGate(Resource):
             problem = "the URL is not valid UTF-8"
         else:
             try:
-                return self._klein.render(request)
+                return self._route(request)
             except BadHost:  # raised before anything is routed or written
                 problem = "the Host header is not a valid host name"
         refusal = self._api._refusal(request)
         if refusal is not None:
             return _answer_error(request, 403, refusal)
         return _answer_error(request, 400, problem)
+
+
+    def _route(self, request):
+        if request.postpath[:1] != [b"ui"]:
+            return self._klein.render(request)
+        if request.postpath == [b"ui"]:
+            # The page's relative links need the trailing slash.
+            request.setResponseCode(301)
+            request.setHeader(b"location", b"ui/")
+            return b""
+        request.prepath.append(request.postpath.pop(0))
+        return self._page.render(request)
 
 
 class _NotFoundRoot(Resource):

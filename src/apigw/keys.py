@@ -27,7 +27,7 @@ KEY_MARK = "agw_"
 # Malformed keys are refused without a database round trip.
 KEY_SHAPE = re.compile(r"agw_[A-Za-z0-9_-]{43,128}\Z")
 PREFIX_LEN = len(KEY_MARK) + 8
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # version -> statements taking the schema from version-1 to version.
 MIGRATIONS = {
@@ -44,6 +44,13 @@ MIGRATIONS = {
         " revoked_at DOUBLE PRECISION)",
     ),
     2: ("CREATE INDEX IF NOT EXISTS api_keys_created ON api_keys (created_at, id)",),
+    # Sessions of the admin page ended by logout before their expiry
+    # (apigw.admin_session); shared, like the keys, by every process.
+    3: (
+        "CREATE TABLE IF NOT EXISTS admin_sessions_ended ("
+        " id TEXT PRIMARY KEY,"
+        " expires_at DOUBLE PRECISION NOT NULL)",
+    ),
 }
 
 _COLUMNS = "id, owner, prefix, services, rate_limit, created_at, expires_at, revoked_at"
@@ -389,6 +396,31 @@ class KeyStore:
             return txn.fetchone() is not None
 
         return await self._run(interaction)
+
+    # --- sessions of the admin page ------------------------------------------
+
+    async def end_session(self, session_id, expires_at):
+        """Remember that a session ended before `expires_at`; rows of sessions
+        that have expired by now are dropped on the way."""
+        prune = self._sql("DELETE FROM admin_sessions_ended WHERE expires_at < ?")
+        insert = self._sql("INSERT INTO admin_sessions_ended (id, expires_at) VALUES (?, ?)"
+                           " ON CONFLICT (id) DO NOTHING")
+        now = self._clock.seconds()
+
+        def interaction(txn):
+            txn.execute(prune, (now,))
+            txn.execute(insert, (session_id, expires_at))
+
+        await self._run(interaction)
+
+    async def session_ended(self, session_id):
+        statement = self._sql("SELECT 1 FROM admin_sessions_ended WHERE id = ?")
+
+        def interaction(txn):
+            txn.execute(statement, (session_id,))
+            return txn.fetchone() is not None
+
+        return await self._run(interaction, retry=True)
 
     async def ping(self):
         """Raises KeyStoreUnavailable unless the database answers (for /readyz)."""

@@ -99,6 +99,59 @@ _SCHEMAS = {
         "required": ["keys"],
         "properties": {"keys": {"type": "array", "items": _ref("Key")}},
     },
+    "Status": {
+        "type": "object",
+        "required": ["generated_at", "window_s", "rate_period_s", "services"],
+        "properties": {
+            "generated_at": {"type": "string", "format": "date-time"},
+            "window_s": {"type": "number",
+                         "description": "Seconds the traffic figures cover (up to 300; "
+                                        "less just after the start)."},
+            "rate_period_s": {"type": "number",
+                              "description": "settings.rate_period, the period of every "
+                                             "rate_limit."},
+            "services": {"type": "array", "items": _ref("ServiceStatus")},
+        },
+    },
+    "ServiceStatus": {
+        "type": "object",
+        "required": ["name", "auth", "rate_limit", "targets", "traffic"],
+        "properties": {
+            "name": {"type": "string"},
+            "auth": {"type": "boolean"},
+            "rate_limit": {"type": ["integer", "null"]},
+            "targets": {"type": "array", "items": {
+                "type": "object",
+                "required": ["url", "breaker"],
+                "properties": {
+                    "url": {"type": "string"},
+                    "breaker": {"enum": ["closed", "open", "half_open"],
+                                "description": "With --workers, the highest state among "
+                                               "the live workers."},
+                },
+            }},
+            "traffic": {
+                "type": "object",
+                "description": "From the gateway's own metrics, totals of every worker. "
+                               "null while there is nothing to compare yet.",
+                "required": ["requests_per_s", "errors_per_s", "error_ratio", "p99_ms",
+                             "history"],
+                "properties": {
+                    "requests_per_s": {"type": ["number", "null"]},
+                    "errors_per_s": {"type": ["number", "null"],
+                                     "description": "Answers with a 5xx status."},
+                    "error_ratio": {"type": ["number", "null"],
+                                    "description": "5xx answers / requests; null without "
+                                                   "requests."},
+                    "p99_ms": {"type": ["number", "null"],
+                               "description": "Interpolated from the latency histogram's "
+                                              "buckets."},
+                    "history": {"type": "array", "items": {"type": "number"},
+                                "description": "Requests/s per 10 s interval, oldest first."},
+                },
+            },
+        },
+    },
     "Reloaded": {
         "type": "object",
         "required": ["status", "services"],
@@ -111,7 +164,9 @@ _SCHEMAS = {
 
 _GATES = {
     "403": _error("The caller's address is outside settings.admin_allow, MASTER_KEY "
-                  "is not set, or X-Master-Key is missing or wrong."),
+                  "is not set, or X-Master-Key is missing or wrong (or, from the admin "
+                  "page, the session cookie is not valid or a state change lacks its "
+                  "X-CSRF-Token)."),
 }
 _STORE_DOWN = {"503": _error("The key store (database) does not answer.")}
 _KEY_ID = [{"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}]
@@ -157,6 +212,14 @@ def document():
                               **_GATES, **_STORE_DOWN},
             },
         },
+        "/admin/status": {
+            "get": {
+                "summary": "Services with their targets, breaker states and recent traffic.",
+                "responses": {"200": _json(_ref("Status"), "The status now."),
+                              **_GATES,
+                              "503": _error("This process cannot report a status.")},
+            },
+        },
         "/admin/reload": {
             "post": {
                 "summary": "Re-read the configuration file, as SIGHUP does.",
@@ -183,18 +246,24 @@ def document():
             "title": "apigw admin API",
             "version": __version__,
             "license": {"name": "MIT", "identifier": "MIT"},
-            "description": "Issue, list and revoke API keys and reload the gateway's "
-                           "configuration. Every call needs X-Master-Key and an address "
-                           "inside settings.admin_allow. Errors are JSON objects with "
-                           "`error` and `request_id`.",
+            "description": "Issue, list and revoke API keys, see the services' state "
+                           "and reload the gateway's configuration. Every call needs "
+                           "X-Master-Key (or the admin page's session cookie, plus its "
+                           "X-CSRF-Token header on calls that change state) and an "
+                           "address inside settings.admin_allow. Errors are JSON objects "
+                           "with `error` and `request_id`.",
         },
         "servers": [{"url": "http://127.0.0.1:8000",
                      "description": "the public listener, or the --admin-port one"}],
-        "security": [{"masterKey": []}],
+        "security": [{"masterKey": []}, {"pageSession": []}],
         "paths": paths,
         "components": {
             "securitySchemes": {
                 "masterKey": {"type": "apiKey", "in": "header", "name": "X-Master-Key"},
+                "pageSession": {"type": "apiKey", "in": "cookie", "name": "apigw_admin_session",
+                                "description": "Set by the admin page's login "
+                                               "(/admin/ui/). Calls other than GET also "
+                                               "need the session's X-CSRF-Token header."},
             },
             "schemas": _SCHEMAS,
         },

@@ -23,6 +23,7 @@ from apigw.pipeline import Pipeline
 from apigw.ratelimit import RateLimiting, make_limiter
 from apigw.signals import SighupHandler, exit_zero_after_sigterm
 from apigw.startup import log_startup
+from apigw.traffic import TrafficHistory
 from apigw.web import GatewayRoot, GatewaySite, Healthz, Readyz, ServiceRoute
 
 log = Logger()
@@ -74,11 +75,13 @@ class GatewayService(MultiService):
         self.root.putChild(b"healthz", Healthz())
         self.root.putChild(b"readyz", Readyz(self.readiness, self._metrics_trusted))
         self.root.putChild(b"metrics", MetricsResource(self.metrics, self._metrics_trusted))
+        self.traffic = TrafficHistory(self.metrics.registry, self.clock)
         self.admin = AdminAPI(
             self.key_store, self.authenticator, config.env.master_key,
             admin_allow=lambda: self.config.settings.admin_allow,
             service_names=lambda: self.config.services,
             reload=self._admin_reload, clock=self.clock,
+            status=lambda: self.traffic.status(self.config),
         )
         self.sites = []
         self.config = None
@@ -210,6 +213,7 @@ class GatewayService(MultiService):
         self.access_log.start()
         self.rate_limiting.start()
         self.key_store.start().addErrback(self._key_store_failed)
+        self.traffic.start()
         super().startService()
         if self.announce:
             log_startup(self.config, self._port_description, self._admin_port_description,
@@ -233,6 +237,7 @@ class GatewayService(MultiService):
         await self._close_client_connections(
             max(1.0, grace_s - (self.clock.seconds() - started)))
         self.pipeline.watchdog.stop()
+        self.traffic.stop()
         for site in self.sites:
             site.watchdog.stop()
         await self.forwarder.close()
