@@ -235,12 +235,15 @@ class Readyz(GetOnly):
     """200 while every part answers; 503 naming the parts that do not.
 
     `readiness` is an async callable returning the names of the parts
-    that are down (empty when ready).
+    that are down (empty when ready); `degraded`, if given, a callable
+    returning sentences about parts that work in a lesser way (listed
+    under "degraded", without failing readiness).
     """
 
-    def __init__(self, readiness):
+    def __init__(self, readiness, degraded=None):
         super().__init__()
         self._readiness = readiness
+        self._degraded = degraded
 
     def render_GET(self, request):
         d = Deferred.fromCoroutine(self._readiness())
@@ -257,9 +260,13 @@ class Readyz(GetOnly):
         if request.client_gone:
             return
         if down:
-            body = json_response(request, 503, {"status": "unavailable", "down": down})
+            payload = {"status": "unavailable", "down": down}
         else:
-            body = json_response(request, 200, {"status": "ready"})
+            payload = {"status": "ready"}
+        notes = self._degraded() if self._degraded is not None else None
+        if notes:
+            payload["degraded"] = notes
+        body = json_response(request, 503 if down else 200, payload)
         request.write(body)
         request.finish()
 
