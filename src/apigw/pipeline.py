@@ -19,6 +19,7 @@ from apigw.keys import AuthFailure, KeyStoreUnavailable
 from apigw.logs import redact
 from apigw.paths import forwarded_path
 from apigw.relay import CUT_SHORT, FAILED, relay
+from apigw.websocket import Tunnels, is_handshake
 
 log = Logger()
 
@@ -52,6 +53,7 @@ class Pipeline:
         self._metrics = metrics
         self._clock = clock
         self.watchdog = Watchdog(clock, self.stall_check_interval_s)
+        self.tunnels = Tunnels(accounting, metrics, self.watchdog, clock)
 
     def process(self, request):
         """Entry point for a parsed request (GatewayRequest.process)."""
@@ -85,6 +87,9 @@ class Pipeline:
         # size
         if request.body_too_large or request.body_length > service.max_body_bytes:
             raise GatewayError(413, f"request body is larger than {service.max_body_bytes} bytes")
+        websocket = is_handshake(request)
+        if websocket and not service.websocket:
+            raise GatewayError(400, f"service {service.name} does not accept WebSocket upgrades")
         # auth
         consumer = None
         if service.auth:
@@ -96,7 +101,11 @@ class Pipeline:
         outcome.extra_headers = limit_headers  # answers from here on carry them
         # breaker, forward
         forwarded = await self._forwarder.forward(
-            request, service, upstream_path, consumer, outcome)
+            request, service, upstream_path, consumer, outcome, websocket=websocket)
+        if websocket and forwarded.response.code == 101:
+            # Joined to the upstream until either side closes (apigw.websocket).
+            return await self.tunnels.run(request, forwarded.response, limit_headers,
+                                          outcome, settings.websocket_idle_timeout_s)
         # relay
         ended = await relay(request, forwarded.response, limit_headers,
                             request.site.date.now(), service.timeout_s, self._clock,
@@ -156,9 +165,12 @@ class Pipeline:
         self._close(request, outcome)
 
     def _close(self, request, outcome):
-        # What the client saw; a body cut short says so in outcome.error.
-        outcome.status = request.code if request.finished or outcome.error else CLIENT_CLOSED
-        outcome.bytes_sent = request.bytes_sent
+        if outcome.tunnel_opened_s is None:  # a tunnel's numbers are its own
+            # What the client saw; a body cut short says so in outcome.error.
+            outcome.status = request.code if request.finished or outcome.error \
+                else CLIENT_CLOSED
+            outcome.bytes_sent = request.bytes_sent
+            outcome.bytes_received = request.body_length
         self._accounting.closed(outcome)
 
 

@@ -247,6 +247,11 @@ class GatewayService(MultiService):
         # Responses just finished may still be in the sockets' buffers.
         await self._close_client_connections(
             max(1.0, grace_s - (self.clock.seconds() - started)))
+        if self.pipeline.tunnels.open:
+            # A WebSocket tunnel whose upstream has not closed yet: cut, and
+            # its access record written before the log closes.
+            self.pipeline.tunnels.close_all()
+            await self.accounting.drain(1.0)
         self.pipeline.watchdog.stop()
         for site in self.sites:
             site.watchdog.stop()
