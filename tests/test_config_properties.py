@@ -71,6 +71,7 @@ def check_service(name, service):
     assert type(service.retry_non_idempotent) is bool
     assert type(service.strip_prefix) is bool
     assert is_int(service.max_body_bytes)
+    assert type(service.websocket) is bool
 
 
 def check_settings(s):
@@ -88,6 +89,7 @@ def check_settings(s):
     assert is_seconds(s.auth_cache_ttl_s, positive=False)
     assert is_seconds(s.shutdown_grace_s, positive=False)
     assert is_int(s.max_body_bytes)
+    assert is_seconds(s.websocket_idle_timeout_s)
     assert isinstance(s.admin_allow, tuple)
     assert all(isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network))
                for n in s.admin_allow)
@@ -178,7 +180,7 @@ SETTINGS_VALUES = {
     "timeout": seconds, "retries": counts, "backoff_base": seconds, "backoff_max": seconds,
     "breaker_failure_threshold": counts, "breaker_recovery_time": seconds,
     "auth_cache_ttl": seconds, "shutdown_grace": seconds, "max_body_bytes": counts,
-    "admin_allow": cidrs,
+    "websocket_idle_timeout": seconds, "admin_allow": cidrs,
 }
 assert set(SETTINGS_VALUES) == set(SETTINGS_FIELDS)
 SERVICE_VALUES = {
@@ -187,6 +189,7 @@ SERVICE_VALUES = {
     "timeout": seconds, "retries": counts,
     "retry_non_idempotent": st.one_of(st.booleans(), anything),
     "strip_prefix": st.one_of(st.booleans(), anything), "max_body_bytes": counts,
+    "websocket": st.one_of(st.booleans(), anything),
 }
 assert set(SERVICE_VALUES) == SERVICE_FIELDS
 

@@ -44,7 +44,8 @@ class KeyChangeListener:
 
     log = Logger()
 
-    def __init__(self, database_url, reactor, forget, forget_all, describe_ttl):
+    def __init__(self, database_url, reactor, forget, forget_all, describe_ttl,
+                 store_ready=None):
         self._params = dict(database_url.params)
         self._where = database_url.describe()
         self._reactor = reactor
@@ -52,6 +53,9 @@ class KeyChangeListener:
         self._forget_all = forget_all
         # The consequence of an outage names the TTL in force at that time.
         self._describe_ttl = describe_ttl
+        # While the key store itself is not ready, its own warning already
+        # says the database is down: one line per outage, not two.
+        self._store_ready = store_ready
         self._connection = None
         self._fd = -1
         self._connecting = None
@@ -124,7 +128,7 @@ class KeyChangeListener:
         self._connecting = None
         if self._stopped:
             return
-        self._outage.failed(_first_line(failure.value))
+        self._failed(_first_line(failure.value))
         self._retry_later()
 
     def _retry_later(self):
@@ -151,8 +155,12 @@ class KeyChangeListener:
         self._disconnect()
         if self._stopped:
             return
-        self._outage.failed(why)
+        self._failed(why)
         self._retry_later()
+
+    def _failed(self, why):
+        if self._store_ready is None or self._store_ready():
+            self._outage.failed(why)
 
     # -- IReadDescriptor -----------------------------------------------------
 

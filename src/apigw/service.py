@@ -72,7 +72,8 @@ class GatewayService(MultiService):
             self.key_changes = KeyChangeListener(
                 self.key_store.url, reactor, self.authenticator.invalidate,
                 self.authenticator.invalidate_all,
-                describe_ttl=lambda: f"{self.authenticator.cache_ttl_s:g}s")
+                describe_ttl=lambda: f"{self.authenticator.cache_ttl_s:g}s",
+                store_ready=lambda: self.key_store.ready)
         self.pipeline = Pipeline(self.authenticator, self.rate_limiting, self.forwarder,
                                  self.accounting, self.metrics, self.clock)
         self.root = GatewayRoot()
