@@ -71,6 +71,7 @@ def check_service(name, service):
     assert type(service.retry_non_idempotent) is bool
     assert type(service.strip_prefix) is bool
     assert is_int(service.max_body_bytes)
+    assert type(service.websocket) is bool
 
 
 def check_settings(s):
@@ -102,6 +103,7 @@ def check_settings(s):
     assert is_int(s.upstream_max_head_bytes, 256)
     assert is_int(s.client_max_headers, 1) and is_int(s.upstream_max_headers, 1)
     assert is_int(s.upstream_max_idle_per_target)
+    assert is_seconds(s.websocket_idle_timeout_s)
 
 
 def check_config(config, env=ENV):
@@ -198,6 +200,7 @@ SETTINGS_VALUES = {
     "client_max_head_bytes": counts, "upstream_max_head_bytes": counts,
     "upstream_max_headers": counts, "upstream_max_idle_per_target": counts,
     "upstream_idle_timeout": seconds,
+    "websocket_idle_timeout": seconds,
 }
 assert set(SETTINGS_VALUES) == set(SETTINGS_FIELDS)
 SERVICE_VALUES = {
@@ -206,6 +209,7 @@ SERVICE_VALUES = {
     "timeout": seconds, "retries": counts,
     "retry_non_idempotent": st.one_of(st.booleans(), anything),
     "strip_prefix": st.one_of(st.booleans(), anything), "max_body_bytes": counts,
+    "websocket": st.one_of(st.booleans(), anything),
 }
 assert set(SERVICE_VALUES) == SERVICE_FIELDS
 

@@ -116,7 +116,8 @@ async def test_seed_like_config_serves_proxies_logs_and_stops_cleanly(tmp_path):
     assert [r["status"] for r in records] == [401, 200]
     assert set(records[1]) == {
         "request_id", "method", "path", "service", "status", "latency_ms",
-        "upstream_latency_ms", "attempts", "client_ip", "consumer", "bytes_sent", "error",
+        "upstream_latency_ms", "attempts", "client_ip", "consumer", "bytes_sent", "bytes_received",
+        "duration_ms", "error",
     }
     assert records[1]["error"] is None
     assert records[1]["request_id"] == "req-1"

@@ -19,7 +19,9 @@ from twisted.scripts.twistd import ServerOptions
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from apigw._twisted_compat import clear_exit_signal, request_line, start_response
+from apigw._twisted_compat import (
+    clear_exit_signal, request_line, start_response, take_unread_bytes,
+)
 from apigw.worker import InheritedSocketEndpoint, _InheritedTCPPort, _InheritedUNIXPort
 
 
@@ -242,3 +244,31 @@ def test_adopted_unix_port_leaves_path_mode_and_socket_to_their_owner(tmp_path, 
         owner.close()
         if reservation.available():
             reservation.__enter__()  # closes the reserved file
+
+
+# --- take_unread_bytes ------------------------------------------------------------
+
+class _Pending(Resource):
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def render_GET(self, request):
+        self.requests.append(request)
+        return server.NOT_DONE_YET
+
+
+def test_take_unread_bytes_gets_what_arrived_while_a_request_was_handled():
+    """When bytes follow a request the channel is still handling (in the same
+    read and later ones), take_unread_bytes returns them all, in order, and the
+    channel keeps none to replay as another request."""
+    clock = MemoryReactorClock()
+    resource = _Pending()
+    channel, transport = _channel(server.Site(resource, reactor=clock))
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x81\x02hi")
+    channel.dataReceived(b"\x81\x03you")
+    assert len(resource.requests) == 1
+    assert take_unread_bytes(channel) == b"\x81\x02hi\x81\x03you"
+    assert take_unread_bytes(channel) == b""

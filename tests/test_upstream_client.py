@@ -35,6 +35,7 @@ from apigw.upstream_client.connection import (
     STATES,
     TRANSMITTING,
     TRANSMITTING_AFTER_RESPONSE,
+    UPGRADED,
     WAITING,
 )
 from tests.upstream_client_support import (
@@ -90,6 +91,42 @@ def body_of(response):
     collector = Collect()
     response.deliverBody(collector)
     return collector
+
+
+SWITCH = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+          b"Connection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n\r\n")
+
+
+def test_101_to_an_upgrade_leaves_the_pool_for_whoever_takes_it_over(mem):
+    """When a request that asked to upgrade gets 101 with bytes behind it, the
+    response is the 101, take_over() gets those bytes, later ones and the end,
+    and the connection never goes back to the pool."""
+    results = start(mem, headers=Headers({b"Connection": [b"Upgrade"],
+                                          b"Upgrade": [b"websocket"]}))
+    proto, transport = mem.endpoint.connections[0]
+    proto.dataReceived(SWITCH + b"\x81\x02hi")
+    start(mem)
+    assert len(mem.endpoint.connections) == 2  # not back in the pool, even before take_over
+    [response] = results
+    assert response.code == 101 and proto.state is UPGRADED
+    assert (b"Upgrade", b"websocket") in response.raw_headers
+    taker = Collect()
+    response.take_over(taker)
+    proto.dataReceived(b"\x81\x03you")
+    assert b"".join(taker.chunks) == b"\x81\x02hi\x81\x03you"
+    assert taker.transport is transport
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert taker.done.called
+    start(mem)
+    assert len(mem.endpoint.connections) == 3  # nor after it ended
+
+
+def test_101_that_was_not_asked_for_fails_the_request(mem):
+    """When a plain request gets 101, the request fails and the connection goes."""
+    results = start(mem)
+    answer(mem, SWITCH)
+    assert isinstance(results[0], Failure) and results[0].check(ResponseFailed)
+    assert mem.endpoint.connections[0][0].state is CLOSING
 
 
 def test_request_line_keeps_raw_target_and_adds_host(mem):

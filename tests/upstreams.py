@@ -205,6 +205,12 @@ class _Raw(protocol.Protocol):
             producer = _EndlessBody(self.transport)
             self.transport.registerProducer(producer, True)
             producer.resumeProducing()
+        elif mode == "ws101":
+            # Accepts a WebSocket handshake, then ends the tunnel.
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\n"
+                                 b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+            reactor.callLater(0.05, self.transport.loseConnection)
         elif mode == "many-headers":
             self.transport.write(b"HTTP/1.1 200 OK\r\n" + b"".join(
                 b"X-%d: a\r\n" % i for i in range(150)) + b"Content-Length: 0\r\n\r\n")
@@ -215,7 +221,8 @@ class RawUpstream(protocol.Factory):
     stall: body started, then silence; badchunk: a bad chunk size right after
     the head; until-close-fin / until-close-reset: a close-delimited body
     ended by FIN / cut by a reset; huge-head: header lines without end;
-    many-headers: 150 header lines; endless-body: chunks while they are read."""
+    many-headers: 150 header lines; endless-body: chunks while they are read;
+    ws101: accepts a WebSocket handshake and ends the tunnel."""
 
     protocol = _Raw
     noisy = False

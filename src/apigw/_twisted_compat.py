@@ -90,3 +90,19 @@ def listen_on_adopted_unix_socket(port):
     port.connected = True
     port.fileno = port.socket.fileno
     port.startReading()
+
+
+def take_unread_bytes(channel):
+    """The bytes an HTTPChannel has read past the request it is handling,
+    taken out of it: for whoever takes the connection over once that
+    request is answered with a 101 (a WebSocket tunnel).
+
+    Relies on HTTPChannel keeping what arrives while a request is being
+    handled in its private `_dataBuffer` (a list of bytes it replays once
+    the request is done), and on LineReceiver keeping what it has not yet
+    handed on in its private `_buffer`.
+    """
+    data = b"".join(channel._dataBuffer) + channel._buffer
+    channel._dataBuffer = []
+    channel._buffer = b""
+    return data

@@ -27,9 +27,14 @@ class Outcome:
     attempts: int = 0
     upstream_latency_ms: object = None
     bytes_sent: int = 0
+    bytes_received: int = 0
     # Pairs the gateway adds to this request's answer (rate-limit headers).
     extra_headers: tuple = ()
     error: object = None
+    # A WebSocket tunnel's (apigw.websocket): when its 101 went out and
+    # when it closed; None for every other request.
+    tunnel_opened_s: object = None
+    tunnel_closed_s: object = None
 
 
 class Accounting:
@@ -57,9 +62,26 @@ class Accounting:
         return Outcome(request.request_id, request.method, request.uri, request.client_ip,
                        self._clock.seconds())
 
+    def upgraded(self, outcome):
+        """A WebSocket handshake was answered 101: counted now, with the
+        handshake's latency, while the tunnel stays in flight until closed()."""
+        outcome.status = 101
+        outcome.tunnel_opened_s = self._clock.seconds()
+        self._metrics.observe_request(outcome.service, outcome.method, 101,
+                                      outcome.tunnel_opened_s - outcome.started_s)
+
     def closed(self, outcome):
-        latency_s = self._clock.seconds() - outcome.started_s
-        self._metrics.observe_request(outcome.service, outcome.method, outcome.status, latency_s)
+        duration_ms = None
+        if outcome.tunnel_opened_s is None:
+            latency_s = self._clock.seconds() - outcome.started_s
+            self._metrics.observe_request(
+                outcome.service, outcome.method, outcome.status, latency_s)
+        else:  # counted by upgraded()
+            latency_s = outcome.tunnel_opened_s - outcome.started_s
+            closed_s = outcome.tunnel_closed_s
+            if closed_s is None:
+                closed_s = self._clock.seconds()
+            duration_ms = round((closed_s - outcome.tunnel_opened_s) * 1000, 3)
         consumer = outcome.consumer
         self._access_log.record({
             "request_id": outcome.request_id,
@@ -73,6 +95,8 @@ class Accounting:
             "client_ip": outcome.client_ip,
             "consumer": consumer.owner if consumer is not None else None,
             "bytes_sent": outcome.bytes_sent,
+            "bytes_received": outcome.bytes_received,
+            "duration_ms": duration_ms,
             # What went wrong that the status does not say (a body cut short).
             "error": outcome.error,
         })

@@ -45,11 +45,13 @@ class AdminAPI:
     log = Logger()
 
     def __init__(self, store, authenticator, master_key, admin_allow, service_names,
-                 reload=None, clock=None, status=None):
+                 reload=None, clock=None, status=None, key_changed=None):
         """`admin_allow`: networks, or a callable returning the current ones;
         `service_names`: callable returning the configured service names;
         `reload`: callable (may return a Deferred) giving the new config;
-        `status`: callable returning GET /admin/status's answer."""
+        `status`: callable returning GET /admin/status's answer;
+        `key_changed(key_id)`: after a key changed here (by default this
+        process's cache forgets it; the gateway also tells its siblings)."""
         self._store = store
         self._authenticator = authenticator
         # None: every call is refused (apigw.startup logs that once).
@@ -57,6 +59,8 @@ class AdminAPI:
         self._admin_allow = admin_allow if callable(admin_allow) else (lambda: admin_allow)
         self._service_names = service_names
         self._reload = reload
+        self._key_changed = key_changed if key_changed is not None else (
+            lambda key_id: self._authenticator.invalidate(key_id))
         self._clock = clock if clock is not None else _wall_clock()
         self._status = status
         self.sessions = Sessions(self._master_key, store, self._clock)
@@ -178,8 +182,9 @@ class AdminAPI:
         await self._gate(request)
         if not await self._store.revoke_key(key_id):
             raise AdminError(404, "no API key has this id")
-        # At once on this process; other processes within auth_cache_ttl.
-        self._authenticator.invalidate(key_id)
+        # At once here; other processes hear of it from the database's
+        # notification or their supervisor (docs/revocation.md).
+        self._key_changed(key_id)
         self.log.info("admin: revoked API key {id}", id=key_id)
         record = await self._store.get_key(key_id)
         return _answer(request, 200, record.to_json(self._clock.seconds()))

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.web import http
 from zope.interface import implementer
 
-from apigw._twisted_compat import request_line
+from apigw._twisted_compat import request_line, take_unread_bytes
 
 log = Logger()
 
@@ -38,6 +38,8 @@ class GatewayChannel(http.HTTPChannel):
 
     _host = None
     _http10_keep_alive = False
+    # The protocol this connection was handed to (switch_protocol).
+    _switched_to = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -149,10 +151,29 @@ class GatewayChannel(http.HTTPChannel):
         if not self._answered_early:  # else already handed to the request
             super().allContentReceived()
 
+    def switch_protocol(self, protocol):
+        """Hand the connection to `protocol` once the request being handled
+        was answered 101 (a WebSocket tunnel): from here on it gets every
+        byte the client sends, those already read included, and the
+        connection's end; twisted.web sees nothing more of it. The site
+        still counts the connection as open (its cap; closed on shutdown)."""
+        self._head_started = self._idle_since = self._body_since = None
+        self._switched_to = protocol
+        unread = take_unread_bytes(self)
+        # The channel is the transport's producer; the protocol will be.
+        self.transport.unregisterProducer()
+        self.dataReceived = protocol.dataReceived
+        protocol.makeConnection(self.transport)
+        if unread:
+            protocol.dataReceived(unread)
+
     def readConnectionLost(self):
         """The client shut down its sending side (shutdown(SHUT_WR), `printf
         ... | socat`, some HTTP/1.0 tools): answer what it asked, then close,
         instead of dropping the request with the connection."""
+        if self._switched_to is not None:
+            self._switched_to.readConnectionLost()
+            return
         self._read_closed = True
         self.persistent = False
         if not self._in_request:
@@ -178,6 +199,10 @@ class GatewayChannel(http.HTTPChannel):
     def connectionLost(self, reason):
         self._head_started = self._idle_since = None
         self.factory.connection_closed(self)
+        if self._switched_to is not None:
+            # Not twisted.web's: its request was handed over with the rest.
+            self._switched_to.connectionLost(reason)
+            return
         super().connectionLost(reason)
 
     def _head_too_slow(self):

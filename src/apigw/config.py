@@ -62,6 +62,8 @@ class ServiceConfig:
     retry_non_idempotent: bool
     strip_prefix: bool
     max_body_bytes: int
+    # WebSocket upgrades proxied (apigw.websocket); False: refused with 400.
+    websocket: bool = True
 
     @property
     def urls(self):
@@ -83,6 +85,8 @@ class Settings:
     auth_cache_ttl_s: float = 10.0
     shutdown_grace_s: float = 10.0
     max_body_bytes: int = 10 * MiB
+    # A WebSocket tunnel with no bytes either way for this long is closed.
+    websocket_idle_timeout_s: float = 300.0
     admin_allow: Tuple[object, ...] = (
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("::1/128"),
@@ -232,6 +236,7 @@ SETTINGS_FIELDS = {
     "auth_cache_ttl": ("auth_cache_ttl_s", _seconds(positive=False)),
     "shutdown_grace": ("shutdown_grace_s", _seconds(positive=False)),
     "max_body_bytes": ("max_body_bytes", _int()),
+    "websocket_idle_timeout": ("websocket_idle_timeout_s", _seconds()),
     "admin_allow": ("admin_allow", _cidrs),
     "breaker_min_requests": ("breaker_min_requests", _int(minimum=1)),
     "breaker_failure_ratio": ("breaker_failure_ratio", _ratio),
@@ -253,7 +258,7 @@ SETTINGS_FIELDS = {
 
 SERVICE_FIELDS = {
     "url", "urls", "rate_limit", "auth", "timeout", "retries",
-    "retry_non_idempotent", "strip_prefix", "max_body_bytes",
+    "retry_non_idempotent", "strip_prefix", "max_body_bytes", "websocket",
 }
 
 
@@ -371,6 +376,7 @@ def _parse_service(name, raw, settings, source):
         retry_non_idempotent=get("retry_non_idempotent", _bool, False),
         strip_prefix=get("strip_prefix", _bool, True),
         max_body_bytes=get("max_body_bytes", _int(), settings.max_body_bytes),
+        websocket=get("websocket", _bool, True),
     )
 
 

@@ -142,16 +142,17 @@ class Forwarder:
             lambda t: self.breakers.breaker(service.name, t.url, register=False),
         )
 
-    async def forward(self, request, service, upstream_path, consumer, outcome):
+    async def forward(self, request, service, upstream_path, consumer, outcome,
+                      websocket=False):
         """The final attempt's response as Forwarded, or GatewayError 502,
         503 (every breaker open), 504. Counts attempts and upstream latency
-        into `outcome`."""
+        into `outcome`. `websocket`: a handshake, sent with its Upgrade."""
         balancer = self.balancer_for(service)
         retryable = is_idempotent(request.method, service.retry_non_idempotent)
         extra = service.retries if retryable else 0
         header_pairs = upstream_header_pairs(
             request.requestHeaders, request.client_ip, request.isSecure(),
-            request.request_id, service.name, consumer,
+            request.request_id, service.name, consumer, websocket=websocket,
         )
         tried = []
         result = breaker = None

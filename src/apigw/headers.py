@@ -42,9 +42,13 @@ def connection_tokens(values):
 
 
 def upstream_header_pairs(request_headers, client_ip, secure, request_id, service_name,
-                          consumer=None):
+                          consumer=None, websocket=False):
     """The pairs sent upstream for a client's request, Host excepted (it
-    depends on the target of each attempt)."""
+    depends on the target of each attempt).
+
+    `websocket`: the request is a WebSocket handshake (apigw.websocket), the
+    one case where the hop-by-hop Upgrade goes on, with Connection: Upgrade.
+    """
     listed = connection_tokens(request_headers.getRawHeaders(b"connection"))
     pairs = []
     forwarded_for = []
@@ -72,6 +76,20 @@ def upstream_header_pairs(request_headers, client_ip, secure, request_id, servic
     if consumer is not None:
         pairs.append((b"X-Consumer-ID", consumer.id.encode("utf-8")))
         pairs.append((b"X-Consumer-Username", consumer.owner.encode("utf-8")))
+    if websocket:
+        pairs.append((b"Connection", b"Upgrade"))
+        pairs.append((b"Upgrade", b"websocket"))
+    return pairs
+
+
+def switching_header_pairs(raw_headers):
+    """The pairs of an upstream's 101 to a WebSocket handshake that reach
+    the client: the usual ones, plus the Upgrade and Connection that make
+    it a switch."""
+    pairs, _ = response_header_pairs(raw_headers, 101)
+    upgrade = [value for name, value in raw_headers if name.lower() == b"upgrade"]
+    pairs.append((b"Connection", b"Upgrade"))
+    pairs.append((b"Upgrade", upgrade[0] if upgrade else b"websocket"))
     return pairs
 
 

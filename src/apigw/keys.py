@@ -55,6 +55,11 @@ MIGRATIONS = {
 
 _COLUMNS = "id, owner, prefix, services, rate_limit, created_at, expires_at, revoked_at"
 
+# PostgreSQL NOTIFY channel: its payload is the id of a key that changed
+# (revoked, or any later edit), for every gateway's cache to forget
+# (apigw.revocation listens).
+KEY_CHANGES_CHANNEL = "apigw_key_changes"
+
 
 class _QuietConnection(adbapi.Connection):
     """adbapi's Connection, minus two logged tracebacks per dead connection.
@@ -393,7 +398,10 @@ class KeyStore:
         def interaction(txn):
             txn.execute(update, (now, key_id))
             txn.execute(exists, (key_id,))
-            return txn.fetchone() is not None
+            found = txn.fetchone() is not None
+            if found:
+                self._announce_change(txn, key_id)
+            return found
 
         return await self._run(interaction)
 
@@ -421,6 +429,16 @@ class KeyStore:
             return txn.fetchone() is not None
 
         return await self._run(interaction, retry=True)
+
+    def _announce_change(self, txn, key_id):
+        """Every write that changes a key calls this in its transaction.
+
+        PostgreSQL delivers the NOTIFY when (and only if) the transaction
+        commits, to every listening gateway process on every node; SQLite
+        has nothing like it, so there the caller relays (apigw.worker).
+        """
+        if self.url.kind == "postgresql":
+            txn.execute("SELECT pg_notify(%s, %s)", (KEY_CHANGES_CHANNEL, key_id))
 
     async def ping(self):
         """Raises KeyStoreUnavailable unless the database answers (for /readyz)."""
@@ -581,3 +599,10 @@ class Authenticator:
         for key_hash, (record, _) in list(self._known.items()):
             if record.id == key_id:
                 del self._known[key_hash]
+
+    def invalidate_all(self):
+        """Forget every cached key: changes announced while nobody listened
+        (the notification channel was down) are unknown, so all are suspect."""
+        self._generation += 1
+        self._known.clear()
+        self._unknown.clear()

@@ -15,7 +15,8 @@ from apigw.keys import KEY_MARK
 
 ACCESS_FIELDS = (
     "request_id", "method", "path", "service", "status", "latency_ms",
-    "upstream_latency_ms", "attempts", "client_ip", "consumer", "bytes_sent", "error",
+    "upstream_latency_ms", "attempts", "client_ip", "consumer", "bytes_sent", "bytes_received",
+    "duration_ms", "error",
 )
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))

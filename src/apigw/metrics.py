@@ -6,6 +6,7 @@ the supervisor made (prometheus_client's multiprocess mode) and /metrics
 merges all of them, so any worker reports the totals of all: counters and
 histograms are summed, files of dead workers included (totals never go
 back); `gateway_in_flight_requests` is summed over live workers;
+`gateway_websocket_connections` is summed over live workers;
 `gateway_build_info` is 1 however many workers say so; and
 `gateway_circuit_breaker_state` shows, per target, the highest state among
 live workers (each worker has its own breakers; open or half_open shows as
@@ -81,6 +82,10 @@ class Metrics:
             "gateway_config_reloads_total", "Configuration reloads by result",
             ["result"], registry=r,
         )
+        self.websocket_connections = Gauge(
+            "gateway_websocket_connections", "Open WebSocket tunnels", ["service"],
+            registry=r, multiprocess_mode="livesum",
+        )
         self.build_info = Gauge(
             "gateway_build_info", "The apigw version this process runs (always 1)",
             ["version"], registry=r, multiprocess_mode="max",
@@ -92,7 +97,8 @@ class Metrics:
         self.registry.register(_Exposition(
             [self.requests_total, self.request_latency, self.upstream_latency,
              self.upstream_retries, self.rate_limited, self.auth_failures,
-             self.breaker_state, self.in_flight, self.config_reloads, self.build_info],
+             self.breaker_state, self.in_flight, self.config_reloads,
+             self.websocket_connections, self.build_info],
             merged,
         ))
 

@@ -20,6 +20,7 @@ from apigw.keys import AuthFailure, KeyStoreUnavailable
 from apigw.logs import redact
 from apigw.paths import forwarded_path
 from apigw.relay import CUT_SHORT, FAILED, relay
+from apigw.websocket import Tunnels, is_handshake
 
 log = Logger()
 
@@ -55,6 +56,7 @@ class Pipeline:
         self.watchdog = Watchdog(clock, self.stall_check_interval_s)
         # Requests whose checks ran at head time, until their body is in.
         self._early = {}
+        self.tunnels = Tunnels(accounting, metrics, self.watchdog, clock)
 
     def head_received(self, request, length):
         """A request's head is in and a body follows (`length`, or None
@@ -152,9 +154,15 @@ class Pipeline:
         if request.body_too_large or request.body_length > service.max_body_bytes:
             # A chunked body, whose size was known only now.
             raise GatewayError(413, f"request body is larger than {service.max_body_bytes} bytes")
+        websocket = is_handshake(request)
         # breaker, forward
         forwarded = await self._forwarder.forward(
-            request, service, forwarded_path(request.uri, service), consumer, outcome)
+            request, service, forwarded_path(request.uri, service), consumer, outcome,
+            websocket=websocket)
+        if websocket and forwarded.response.code == 101:
+            # Joined to the upstream until either side closes (apigw.websocket).
+            return await self.tunnels.run(request, forwarded.response, limit_headers,
+                                          outcome, route.settings.websocket_idle_timeout_s)
         # relay
         ended = await relay(request, forwarded.response, limit_headers,
                             request.site.date.now(), service.timeout_s, self._clock,
@@ -178,6 +186,8 @@ class Pipeline:
         # size
         if request.body_too_large or (length is not None and length > service.max_body_bytes):
             raise GatewayError(413, f"request body is larger than {service.max_body_bytes} bytes")
+        if not service.websocket and is_handshake(request):
+            raise GatewayError(400, f"service {service.name} does not accept WebSocket upgrades")
         # auth
         consumer = None
         if service.auth:
@@ -235,9 +245,12 @@ class Pipeline:
         self._close(request, outcome)
 
     def _close(self, request, outcome):
-        # What the client saw; a body cut short says so in outcome.error.
-        outcome.status = request.code if request.finished or outcome.error else CLIENT_CLOSED
-        outcome.bytes_sent = request.bytes_sent
+        if outcome.tunnel_opened_s is None:  # a tunnel's numbers are its own
+            # What the client saw; a body cut short says so in outcome.error.
+            outcome.status = request.code if request.finished or outcome.error \
+                else CLIENT_CLOSED
+            outcome.bytes_sent = request.bytes_sent
+            outcome.bytes_received = request.body_length
         self._accounting.closed(outcome)
 
 

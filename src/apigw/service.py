@@ -21,6 +21,7 @@ from apigw.logs import AccessLog
 from apigw.metrics import Metrics, MetricsResource
 from apigw.pipeline import Pipeline
 from apigw.ratelimit import RateLimiting, make_limiter
+from apigw.revocation import KeyChangeListener
 from apigw.signals import SighupHandler, exit_zero_after_sigterm
 from apigw.startup import log_startup
 from apigw.traffic import TrafficHistory
@@ -66,6 +67,16 @@ class GatewayService(MultiService):
         self.authenticator = Authenticator(
             self.key_store, self.clock, config.settings.auth_cache_ttl_s
         )
+        # PostgreSQL tells every process of every node about changed keys;
+        # SQLite cannot, and falls back to the cache TTL (and, under
+        # --workers, the supervisor's relay).
+        self.key_changes = None
+        if self.key_store.url.kind == "postgresql":
+            self.key_changes = KeyChangeListener(
+                self.key_store.url, reactor, self.authenticator.invalidate,
+                self.authenticator.invalidate_all,
+                describe_ttl=lambda: f"{self.authenticator.cache_ttl_s:g}s",
+                store_ready=lambda: self.key_store.ready)
         self.pipeline = Pipeline(self.authenticator, self.rate_limiting, self.forwarder,
                                  self.accounting, self.metrics, self.clock)
         # Every client connection costs a file descriptor: take what the
@@ -73,7 +84,8 @@ class GatewayService(MultiService):
         self._open_files = raise_open_files_limit()
         self.root = GatewayRoot()
         self.root.putChild(b"healthz", Healthz())
-        self.root.putChild(b"readyz", Readyz(self.readiness, self._metrics_trusted))
+        self.root.putChild(b"readyz",
+                           Readyz(self.readiness, self._metrics_trusted, self.degraded))
         self.root.putChild(b"metrics", MetricsResource(self.metrics, self._metrics_trusted))
         self.traffic = TrafficHistory(self.metrics.registry, self.clock)
         self.admin = AdminAPI(
@@ -81,7 +93,7 @@ class GatewayService(MultiService):
             admin_allow=lambda: self.config.settings.admin_allow,
             service_names=lambda: self.config.services,
             reload=self._admin_reload, clock=self.clock,
-            status=lambda: self.traffic.status(self.config),
+            status=lambda: self.traffic.status(self.config), key_changed=self.key_changed,
         )
         self.sites = []
         self.config = None
@@ -155,6 +167,18 @@ class GatewayService(MultiService):
     # Workers leave the startup summary to their supervisor.
     announce = True
 
+    # Set by worker processes (apigw.worker): a key changed through this
+    # worker's admin API is passed to the others by the supervisor.
+    relay_key_change = None
+
+    def key_changed(self, key_id):
+        """A key changed through this process: forget it here, and have
+        sibling workers forget it too (with PostgreSQL every process hears
+        the database's notification as well; twice does no harm)."""
+        self.authenticator.invalidate(key_id)
+        if self.relay_key_change is not None:
+            self.relay_key_change(key_id)
+
     def _admin_reload(self):
         names = self.reload()
         if self.reload_others is not None:
@@ -206,6 +230,14 @@ class GatewayService(MultiService):
             down.append("redis")
         return down
 
+    def degraded(self):
+        """Sentences about what works, but worse than it should; /readyz
+        shows them without failing readiness."""
+        notes = []
+        if self.key_changes is not None and self.key_changes.degraded:
+            notes.append(self.key_changes.degraded)
+        return notes
+
     # -- lifecycle ---------------------------------------------------------
 
     def startService(self):
@@ -214,6 +246,8 @@ class GatewayService(MultiService):
         self.rate_limiting.start()
         self.key_store.start().addErrback(self._key_store_failed)
         self.traffic.start()
+        if self.key_changes is not None:
+            self.key_changes.start()
         super().startService()
         if self.announce:
             log_startup(self.config, self._port_description, self._admin_port_description,
@@ -236,12 +270,19 @@ class GatewayService(MultiService):
         # Responses just finished may still be in the sockets' buffers.
         await self._close_client_connections(
             max(1.0, grace_s - (self.clock.seconds() - started)))
+        if self.pipeline.tunnels.open:
+            # A WebSocket tunnel whose upstream has not closed yet: cut, and
+            # its access record written before the log closes.
+            self.pipeline.tunnels.close_all()
+            await self.accounting.drain(1.0)
         self.pipeline.watchdog.stop()
         self.traffic.stop()
         for site in self.sites:
             site.watchdog.stop()
         await self.forwarder.close()
         await self.rate_limiting.stop()
+        if self.key_changes is not None:
+            self.key_changes.stop()
         await self.key_store.stop()
         self.access_log.stop()
 

@@ -288,13 +288,16 @@ class Readyz(GetOnly):
 
     `readiness` is an async callable returning the names of the parts
     that are down (empty when ready); `trusted(address)` says who may see
-    those names (the others get the status alone).
+    those names (the others get the status alone); `degraded`, if given, a
+    callable returning sentences about parts that work in a lesser way
+    (listed under "degraded", without failing readiness).
     """
 
-    def __init__(self, readiness, trusted=lambda address: True):
+    def __init__(self, readiness, trusted=lambda address: True, degraded=None):
         super().__init__()
         self._readiness = readiness
         self._trusted = trusted
+        self._degraded = degraded
 
     def render_GET(self, request):
         d = Deferred.fromCoroutine(self._readiness())
@@ -310,13 +313,17 @@ class Readyz(GetOnly):
     def _answer(self, down, request):
         if request.client_gone:
             return
+        trusted = self._trusted(request.getClientAddress())
         if down:
-            answer = {"status": "unavailable"}
-            if self._trusted(request.getClientAddress()):
-                answer["down"] = down
-            body = json_response(request, 503, answer)
+            payload = {"status": "unavailable"}
+            if trusted:
+                payload["down"] = down
         else:
-            body = json_response(request, 200, {"status": "ready"})
+            payload = {"status": "ready"}
+        notes = self._degraded() if self._degraded is not None and trusted else None
+        if notes:
+            payload["degraded"] = notes
+        body = json_response(request, 503 if down else 200, payload)
         request.write(body)
         request.finish()
 

@@ -17,9 +17,9 @@ import socket
 import sys
 import threading
 
-from twisted.internet import tcp, unix
+from twisted.internet import fdesc, tcp, unix
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IReadDescriptor, IStreamServerEndpoint
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogBeginner
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -33,6 +33,8 @@ log = Logger(namespace="apigw.worker")
 # Records carrying this key are messages to the supervisor, not just logs.
 READY = "apigw_worker_ready"
 RELOAD_OTHERS = "apigw_reload_others"
+# ... with the id of a key changed through this worker, for the others.
+KEY_CHANGED = "apigw_key_changed"
 
 
 class PipeObserver:
@@ -57,6 +59,8 @@ class PipeObserver:
         for key in (READY, RELOAD_OTHERS):
             if event.get(key):
                 record[key] = True
+        if event.get(KEY_CHANGED):
+            record[KEY_CHANGED] = str(event[KEY_CHANGED])
         line = json.dumps(record) + "\n"
         with self._lock:
             self._out.write(line)
@@ -192,13 +196,60 @@ def _make_service(options, reactor):
     service.reload_others = lambda: log.info(
         "asking the supervisor to reload the other workers", **{RELOAD_OTHERS: True}
     )
+    # So does a revocation: the others' caches must forget the key now (with
+    # SQLite nothing else would tell them before auth_cache_ttl).
+    service.relay_key_change = lambda key_id: log.info(
+        "key {key_id} changed; asking the supervisor to tell the other workers",
+        key_id=key_id, **{KEY_CHANGED: key_id}
+    )
     return service
+
+
+@implementer(IReadDescriptor)
+class SupervisorMessages:
+    """What the supervisor tells this worker, one JSON object per line on
+    our stdin: {"key_changed": id} is a key changed through another worker."""
+
+    def __init__(self, reactor, service, fd=0):
+        self._reactor = reactor
+        self._service = service
+        self._fd = fd
+        self._buffer = b""
+
+    def start(self):
+        fdesc.setNonBlocking(self._fd)
+        self._reactor.addReader(self)
+
+    def fileno(self):
+        return self._fd
+
+    def doRead(self):
+        return fdesc.readFromFD(self._fd, self._received)
+
+    def _received(self, data):
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+                key_id = message["key_changed"]
+            except (ValueError, TypeError, KeyError):
+                log.warn("unreadable message from the supervisor: {line!r}", line=line[:200])
+                continue
+            self._service.authenticator.invalidate(str(key_id))
+
+    def connectionLost(self, reason):
+        # The supervisor went away; _watch_parent deals with that.
+        self._reactor.removeReader(self)
+
+    def logPrefix(self):
+        return "apigw supervisor messages"
 
 
 def _started(service, index, reactor, parent_pid):
     # Ctrl-C in a terminal reaches the whole process group: shutting down
     # is the supervisor's decision, it sends SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    SupervisorMessages(reactor, service).start()
     service.startService()
     d = service.when_listening()
     if service.admin_listener is not None:

@@ -10,6 +10,9 @@ wraps its site in TLS itself with the endpoint's key and certificate).
 - SIGHUP is passed to every worker (each re-reads the config); a worker
   still starting gets it as soon as it serves. `POST /admin/reload` on one
   worker makes the supervisor reload the others.
+- A key revoked through one worker's admin API is forgotten by the others'
+  caches at once: the worker says so on its log pipe and the supervisor
+  writes it to the others' stdin (docs/revocation.md).
 - SIGTERM: the supervisor stops accepting, sends SIGTERM to every worker,
   waits for them to drain (shutdown_grace plus a margin, then SIGKILL), and
   exits 0; twistd removes the pidfile.
@@ -38,7 +41,7 @@ from apigw.listener import listen_now
 from apigw.tap import check_endpoint, endpoint_hint
 from apigw.signals import SighupHandler, exit_zero_after_sigterm
 from apigw.startup import log_startup
-from apigw.worker import READY, RELOAD_OTHERS
+from apigw.worker import KEY_CHANGED, READY, RELOAD_OTHERS
 
 log = Logger()
 
@@ -231,6 +234,8 @@ class WorkerSupervisor(Service):
                 worker.signal("HUP")
         if record.get(RELOAD_OTHERS):
             self._reload_workers(but=worker)
+        if record.get(KEY_CHANGED):
+            self._relay_key_change(str(record[KEY_CHANGED]), but=worker)
         self._publish({
             "log_time": log_time, "log_level": level, "log_namespace": namespace,
             "log_system": f"worker {worker.index} {namespace}#{level.name}",
@@ -255,6 +260,19 @@ class WorkerSupervisor(Service):
         log.error("worker {index} {how}; restarting it in {delay_s}s",
                   index=index, how=how, delay_s=delay_s)
         self._restart_calls[index] = self.reactor.callLater(delay_s, self._spawn, index)
+
+    def _relay_key_change(self, key_id, but):
+        """Tell every other worker's cache to forget a key changed through
+        `but` (apigw.worker.SupervisorMessages reads it on its stdin)."""
+        line = json.dumps({"key_changed": key_id}).encode("utf-8") + b"\n"
+        for worker in self._workers.values():
+            if worker is but or worker.ended:
+                continue
+            try:
+                worker.transport.writeToChild(0, line)
+            except Exception:  # its stdin is gone: it is on its way out
+                log.info("could not tell worker {index} about a changed key",
+                         index=worker.index)
 
     # -- reload --------------------------------------------------------------
 

@@ -13,8 +13,13 @@ connection. Its lifecycle is the one `state` attribute:
     RECEIVING / TRANSMITTING_AFTER_RESPONSE -- response complete --> DONE
     DONE -- once llhttp has returned --> QUIESCENT (kept alive, handed back
             through on_quiescent) or CLOSING
+    RECEIVING -- 101 to a request that asked to upgrade --> UPGRADED
     any -- abort(), close(), a framing error, stop_reading() --> CLOSING
     any -- connectionLost --> LOST
+
+UPGRADED is for good: the connection never goes back to its owner, and
+once someone calls take_over(protocol) (UpstreamResponse.take_over, for a
+WebSocket tunnel) every byte and the connection's end go to that protocol.
 
 A QUIESCENT connection that goes away reports through on_idle_lost, so its
 owner can forget it. DONE lasts only until the bytes being parsed are
@@ -46,7 +51,7 @@ from apigw.upstream_client.response import UpstreamResponse
 
 __all__ = [
     "CLOSING", "DONE", "LOST", "QUIESCENT", "RECEIVING", "STATES", "TRANSMITTING",
-    "TRANSMITTING_AFTER_RESPONSE", "WAITING", "HeadTooLarge", "UpstreamConnection",
+    "TRANSMITTING_AFTER_RESPONSE", "UPGRADED", "WAITING", "HeadTooLarge", "UpstreamConnection",
     "WrongBodyLength",
 ]
 
@@ -58,10 +63,11 @@ WAITING = "WAITING"
 TRANSMITTING_AFTER_RESPONSE = "TRANSMITTING_AFTER_RESPONSE"
 RECEIVING = "RECEIVING"
 DONE = "DONE"
+UPGRADED = "UPGRADED"
 CLOSING = "CLOSING"
 LOST = "LOST"
 STATES = (QUIESCENT, TRANSMITTING, WAITING, TRANSMITTING_AFTER_RESPONSE, RECEIVING, DONE,
-          CLOSING, LOST)
+          UPGRADED, CLOSING, LOST)
 
 # Agent's rule: these announce an empty body explicitly.
 _EMPTY_BODY_LENGTH = frozenset({b"POST", b"PUT"})
@@ -142,6 +148,11 @@ class UpstreamConnection(Protocol):
         self._producer = None  # the body producer registered with our transport
         self._body_left = None  # bytes the producer still owes; None: chunked
         self._keep = False  # the connection outlives this exchange: nobody said close
+        self._upgrade = False  # the request asked to switch protocols (Upgrade)
+        # After a 101: who took the connection over, or what waits for them.
+        self._taken_by = None
+        self._upgraded_bytes = []
+        self._upgraded_lost = None
         self._until_close = False  # the response body ends with the connection
         # The response head being parsed.
         self._raw_headers = None
@@ -237,6 +248,22 @@ class UpstreamConnection(Protocol):
             self.abort()
         return d
 
+    def take_over(self, protocol):
+        """After a 101 (state UPGRADED): `protocol` gets this connection's
+        transport, the bytes that came after the 101's head, and from then
+        on every byte and the end of the connection. The pool never sees
+        the connection again."""
+        if self.state is not UPGRADED and self._upgraded_lost is None:
+            raise RuntimeError(f"take_over() in state {self.state}, not after a 101")
+        self._taken_by = protocol
+        protocol.makeConnection(self.transport)
+        pending, self._upgraded_bytes = self._upgraded_bytes, []
+        for data in pending:
+            protocol.dataReceived(data)
+        if self._upgraded_lost is not None:
+            reason, self._upgraded_lost = self._upgraded_lost, None
+            protocol.connectionLost(reason)
+
     # What the response calls.
 
     def pause_reading(self):
@@ -258,6 +285,10 @@ class UpstreamConnection(Protocol):
                 self._stop_sending(stop_producer=True)
             self.state = CLOSING
             self.transport.abortConnection()
+        elif state is UPGRADED and self._taken_by is None:
+            # A 101 nobody will take over (the client left meanwhile).
+            self.state = CLOSING
+            self.transport.abortConnection()
 
     # Sending.
 
@@ -268,13 +299,14 @@ class UpstreamConnection(Protocol):
         parts = [method, b" ", request.path, _LINE_HOST, request.target.host_header, b"\r\n"]
         host_given = False
         keep = True
+        upgrade = False
         pairs = 0
         if headers is None:
             pass
         elif isinstance(headers, (list, tuple)):
             for name, value in headers:
                 size = len(name)
-                if size == 4 or size == 10 or size == 14 or size == 17:
+                if size == 4 or size == 7 or size == 10 or size == 14 or size == 17:
                     lower = name.lower()
                     if lower == b"content-length" or lower == b"transfer-encoding":
                         continue  # framing is ours to write
@@ -282,6 +314,8 @@ class UpstreamConnection(Protocol):
                         host_given = True
                     elif lower == b"connection" and _has_close((value,)):
                         keep = False
+                    elif lower == b"upgrade":
+                        upgrade = True
                 parts += (name, b": ", value, b"\r\n")
                 pairs += 1
         else:
@@ -293,6 +327,8 @@ class UpstreamConnection(Protocol):
                     host_given = True
                 elif name == b"Connection" and _has_close(values):
                     keep = False
+                elif name == b"Upgrade":
+                    upgrade = True
                 for value in values:
                     parts += (name, b": ", value, b"\r\n")
         if host_given:
@@ -317,6 +353,7 @@ class UpstreamConnection(Protocol):
             if head.count(b"\n") != lines or head.count(b"\r") != lines:
                 raise ValueError("a request header name or value holds CR or LF")
         self._keep = keep
+        self._upgrade = upgrade
         return head
 
     def write(self, data):
@@ -377,6 +414,13 @@ class UpstreamConnection(Protocol):
 
     def dataReceived(self, data):
         state = self.state
+        if state is UPGRADED:
+            taken_by = self._taken_by
+            if taken_by is not None:
+                taken_by.dataReceived(data)
+            else:
+                self._upgraded_bytes.append(data)
+            return
         if state is WAITING:
             self.state = RECEIVING
         elif state is TRANSMITTING:
@@ -400,6 +444,16 @@ class UpstreamConnection(Protocol):
     def _parser_stopped(self, error, data):
         cause = error.__context__
         state = self.state
+        if state is UPGRADED:
+            # llhttp stops at the end of the 101's head: what follows in
+            # this read is the new protocol's, for whoever takes it over.
+            rest = data[error.args[0]:] if error.args else b""
+            if rest:
+                self._upgraded_bytes.append(rest)
+            request, response = self._request, self._response
+            self._request = self._response = None
+            request.answer(response)
+            return
         if state is DONE:
             # A complete answer, then llhttp stopped: after a HEAD answer's
             # headers on purpose, or at bytes past the answer.
@@ -464,9 +518,17 @@ class UpstreamConnection(Protocol):
         raw_headers, self._raw_headers = self._raw_headers, None
         parser = self._parser
         code = parser.get_status_code()
+        request = self._request
+        if code == 101 and self._upgrade and self.state is RECEIVING:
+            # The switch asked for: answered once llhttp stops (_parser_stopped).
+            self._response = UpstreamResponse(
+                self, code, self._phrase, _VERSIONS.get(parser.get_http_version(),
+                                                       (b"HTTP", 1, 1)),
+                raw_headers, 0)
+            self.state = UPGRADED
+            return
         if code < 200:
             return  # 1xx: skipped, the answer follows
-        request = self._request
         version = parser.get_http_version()
         head = request.method == b"HEAD"
         until_close = False
@@ -560,6 +622,14 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason):
         state = self.state
+        if self._taken_by is not None:
+            self.state = LOST
+            self._taken_by.connectionLost(reason)
+            return
+        if state is UPGRADED:
+            self.state = LOST
+            self._upgraded_lost = reason
+            return
         if state is TRANSMITTING or state is TRANSMITTING_AFTER_RESPONSE:
             self._stop_sending(stop_producer=True)
         request, response = self._request, self._response

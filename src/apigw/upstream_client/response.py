@@ -130,3 +130,13 @@ class UpstreamResponse:
     def stopProducing(self):
         if self._source is not None:
             self._source.stop_reading()
+
+    def take_over(self, protocol):
+        """For a 101 answer to a request that asked to upgrade: the
+        connection leaves the pool for good, and `protocol` gets it (see
+        UpstreamConnection.take_over). Not calling it, call stopProducing()
+        to close the connection."""
+        if self.code != 101 or self._source is None:
+            raise RuntimeError("only a 101 answer's connection can be taken over")
+        source, self._source = self._source, None
+        source.take_over(protocol)
