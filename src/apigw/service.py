@@ -67,7 +67,7 @@ class GatewayService(MultiService):
                                  self.accounting, self.metrics, self.clock)
         self.root = GatewayRoot()
         self.root.putChild(b"healthz", Healthz())
-        self.root.putChild(b"readyz", Readyz(self.readiness))
+        self.root.putChild(b"readyz", Readyz(self.readiness, self.readiness_details))
         self.root.putChild(b"metrics", MetricsResource(self.metrics))
         self.admin = AdminAPI(
             self.key_store, self.authenticator, config.env.master_key,
@@ -185,6 +185,13 @@ class GatewayService(MultiService):
         if self.rate_limiting.shared and not await self.rate_limiting.ping():
             down.append("redis")
         return down
+
+    def readiness_details(self):
+        """What /readyz adds: the Redis master in use, when Sentinel names it."""
+        limiter = self.rate_limiting.limiter
+        if getattr(limiter, "watch", None) is None:
+            return {}
+        return {"redis_master": limiter.master}
 
     # -- lifecycle ---------------------------------------------------------
 

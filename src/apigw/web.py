@@ -235,12 +235,14 @@ class Readyz(GetOnly):
     """200 while every part answers; 503 naming the parts that do not.
 
     `readiness` is an async callable returning the names of the parts
-    that are down (empty when ready).
+    that are down (empty when ready); `details`, if given, a callable
+    returning more fields for the body (which Redis master is in use).
     """
 
-    def __init__(self, readiness):
+    def __init__(self, readiness, details=None):
         super().__init__()
         self._readiness = readiness
+        self._details = details
 
     def render_GET(self, request):
         d = Deferred.fromCoroutine(self._readiness())
@@ -256,10 +258,11 @@ class Readyz(GetOnly):
     def _answer(self, down, request):
         if request.client_gone:
             return
+        extra = self._details() if self._details is not None else {}
         if down:
-            body = json_response(request, 503, {"status": "unavailable", "down": down})
+            body = json_response(request, 503, {"status": "unavailable", "down": down, **extra})
         else:
-            body = json_response(request, 200, {"status": "ready"})
+            body = json_response(request, 200, {"status": "ready", **extra})
         request.write(body)
         request.finish()
 
