@@ -100,6 +100,11 @@ async def test_limiter_finds_the_master_and_follows_a_killed_one(sentinel_redis,
     assert sorted(d.remaining for d in decisions) == [6, 7, 8, 9]
 
     replica = sentinel_redis.replica_port(first_master)
+    # Following is under test here, not replication lag.
+    deadline = time.monotonic() + 5
+    while redis_cli(replica, "HGET", limiter._prefix + "k", "c") != "4":
+        assert time.monotonic() < deadline, "the count never reached the replica"
+        await sleep(0.01)
     sentinel_redis.server(first_master).kill()
     killed = time.monotonic()
     promoted = None
@@ -119,7 +124,7 @@ async def test_limiter_finds_the_master_and_follows_a_killed_one(sentinel_redis,
     assert decided - promoted < 2.0, f"first decision {decided - promoted:.2f}s after promotion"
     assert limiter.master == f"127.0.0.1:{replica}"
     # What the old master counted reached the replica before it died.
-    assert decision.allowed and decision.remaining == 5
+    assert decision.allowed and decision.remaining == 5, decision
 
 
 @pytest_twisted.ensureDeferred
