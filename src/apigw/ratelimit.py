@@ -18,7 +18,7 @@ from zope.interface import implementer
 from apigw.config import SentinelRedisURL
 from apigw.errors import GatewayError
 from apigw.outage import OutageLog
-from apigw.sentinel import MasterWatch
+from apigw.sentinel import MasterWatch, client_endpoint
 
 log = Logger()
 
@@ -489,25 +489,13 @@ class _MasterEndpoint:
         self._reactor = reactor
 
     def connect(self, factory):
-        from twisted.internet import endpoints
-        from twisted.internet.abstract import isIPAddress, isIPv6Address
-
         address = self._watch.address
         if address is None:
             # Not a failure to log: the sentinels' links say if they fail.
             d = self._watch.when_known()
             d.addCallback(lambda _: self.connect(factory))
             return d
-        host, port = address
-        # Sentinel names masters by address. HostnameEndpoint would take
-        # 0.3 s to report a refused connection, which is what a dead master
-        # does until the failover.
-        if isIPAddress(host):
-            endpoint = endpoints.TCP4ClientEndpoint(self._reactor, host, port, timeout=2)
-        elif isIPv6Address(host):
-            endpoint = endpoints.TCP6ClientEndpoint(self._reactor, host, port, timeout=2)
-        else:
-            endpoint = endpoints.HostnameEndpoint(self._reactor, host, port, timeout=2)
+        endpoint = client_endpoint(self._reactor, *address)
         d = endpoint.connect(factory)
         d.addErrback(self._failed, address)
         return d
