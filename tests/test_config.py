@@ -11,7 +11,10 @@ from apigw.config import (
     Environment,
     load_config,
     load_environment,
+    SentinelRedisURL,
     parse_config,
+    parse_database_url,
+    parse_redis_url,
 )
 from tests.helpers import REPO, TWISTD
 
@@ -149,6 +152,13 @@ def test_unreadable_file_is_a_config_error(tmp_path):
     ("DATABASE_URL", "postgresql://h:notaport/db", "not a valid URL"),
     ("REDIS_URL", "http://h", "redis://"),
     ("REDIS_URL", "redis://h/abc", "not a number"),
+    ("DATABASE_URL", "postgresql://h1:5432,h2:x/db", "not a number from 1 to 65535"),
+    ("DATABASE_URL", "postgresql://h1,/db", "is not host or host:port"),
+    ("DATABASE_URL", "postgresql://h/db?target_session_attrs=rw", "not one of any, read-write"),
+    ("DATABASE_URL", "postgresql://h/db?pool=3", "parameter 'pool' is not one of"),
+    ("REDIS_URL", "redis+sentinel://s1:26379", "looks like redis+sentinel://"),
+    ("REDIS_URL", "redis+sentinel://s1:26379,s2:99999/mymaster", "not a number from 1"),
+    ("REDIS_URL", "redis+sentinel://s1/mymaster/x", "not a number"),
     ("DEBUG", "perhaps", "true or false"),
 ])
 def test_bad_environment_names_the_variable(name, value, words):
@@ -157,6 +167,32 @@ def test_bad_environment_names_the_variable(name, value, words):
         load_environment({name: value}, dotenv_path=None)
     assert str(caught.value).startswith(f"environment: {name}: ")
     assert words in str(caught.value)
+
+
+def test_multi_host_database_url_becomes_libpq_host_and_port_lists():
+    """When DATABASE_URL lists several hosts, libpq gets them in order with the parameters."""
+    url = parse_database_url(
+        "postgresql://app:s%40cret@db1:5433,[::1],db3/keys?target_session_attrs=read-write")
+    assert url.params == {
+        "host": "db1,::1,db3", "port": "5433,5432,5432", "dbname": "keys", "user": "app",
+        "password": "s@cret", "target_session_attrs": "read-write",
+    }
+    assert url.describe() == "PostgreSQL at db1:5433,[::1]:5432,db3:5432/keys (read-write)"
+    assert "s@cret" not in url.describe()
+    one = parse_database_url("postgres://u@db:6000/k?sslmode=require")
+    assert one.params == {"host": "db", "port": 6000, "dbname": "k", "user": "u",
+                          "sslmode": "require"}
+
+
+def test_sentinel_redis_url_names_the_sentinels_the_master_and_the_db():
+    """When REDIS_URL is redis+sentinel://, it parses into sentinels (default port 26379), name and db."""
+    url = parse_redis_url("redis+sentinel://:pw@s1:26380,s2,[::1]:26381/mymaster/3")
+    assert url == SentinelRedisURL(
+        sentinels=(("s1", 26380), ("s2", 26379), ("::1", 26381)), master_name="mymaster",
+        db=3, password="pw")
+    assert "pw" not in url.describe() and "mymaster" in url.describe()
+    assert parse_redis_url("redis+sentinel://s1/m").db == 0
+    assert parse_redis_url("redis://h").port == 6379
 
 
 def test_dotenv_is_read_and_real_environment_wins(tmp_path):

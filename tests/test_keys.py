@@ -431,3 +431,33 @@ def test_lookup_racing_a_revocation_is_not_cached():
     assert first.result.id == "k1"
     auth.authenticate(RAW)
     assert RacyStore.lookups == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_host_list_skips_a_dead_host_and_reconnects_to_the_primary(
+    pg_database, clock
+):
+    """When DATABASE_URL lists a closed port before the primary, keys live on the primary, also after its connections are cut."""
+    from keys_support import PG_SERVER, _admin_connection, _reset_pg
+    from tests.ratelimit_support import free_port
+
+    _reset_pg(pg_database)
+    url = (f"postgresql://{PG_SERVER['user']}@127.0.0.1:{free_port()},"
+           f"{PG_SERVER['host']}:{PG_SERVER['port']}/{pg_database}"
+           "?target_session_attrs=read-write")
+    store = KeyStore(url, reactor, clock=clock)
+    await store.start()
+    try:
+        assert store.ready
+        record, raw = await store.create_key("multi-host")
+        ports = await store._pool.runQuery("SELECT inet_server_port()")
+        assert ports == [(PG_SERVER["port"],)]
+        # Every pooled connection cut: the next query goes down the list again.
+        admin = _admin_connection()
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = %s AND pid <> pg_backend_pid()", (pg_database,))
+        admin.close()
+        assert (await store.lookup_by_hash(hash_key(raw))).id == record.id
+    finally:
+        await store.stop()

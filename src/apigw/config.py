@@ -515,14 +515,74 @@ class DatabaseURL:
         if self.kind == "sqlite":
             return f"SQLite file {os.path.abspath(self.path)}"
         p = self.params
-        return f"PostgreSQL at {p['host']}:{p['port']}/{p['dbname']}"
+        hosts = _host_port_list(str(p["host"]).split(","), str(p["port"]).split(","))
+        where = f"PostgreSQL at {hosts}/{p['dbname']}"
+        if "target_session_attrs" in p:
+            where += f" ({p['target_session_attrs']})"
+        return where
+
+
+def _host_port_list(hosts, ports):
+    return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in zip(hosts, ports))
+
+
+# Query parameters of a PostgreSQL URL handed on to libpq. Anything else is
+# refused here: libpq would only refuse it at the first connection, after
+# startup, as an outage.
+_LIBPQ_PARAMETERS = {
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby",
+                             "prefer-standby"),
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "connect_timeout": None,
+    "application_name": None,
+    "sslrootcert": None,
+    "sslcert": None,
+    "sslkey": None,
+    "keepalives": None,
+    "keepalives_idle": None,
+    "keepalives_interval": None,
+    "keepalives_count": None,
+}
+
+
+def _split_userinfo(netloc):
+    from urllib.parse import unquote
+
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        return None, None, netloc
+    user, colon, password = userinfo.partition(":")
+    return unquote(user) or None, unquote(password) if colon else None, hosts
+
+
+def _split_hosts(text, default_port):
+    """`h1:p1,[::1]:p2,h3` -> [(host, port)]: libpq's multi-host form."""
+    found = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\w*))?|([^:\[\]]+)(?::(\w*))?", item)
+        if match is None:
+            raise _Bad(f"host {item!r} is not host or host:port")
+        host = match.group(1) or match.group(3)
+        port_text = match.group(2) if match.group(1) else match.group(4)
+        if not _HOST_NAME.match(host.encode("utf-8", "replace")) and not match.group(1):
+            raise _Bad(f"host {host!r} is not a host name or address")
+        if port_text in (None, ""):
+            port = default_port
+        elif port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536:
+            port = int(port_text)
+        else:
+            raise _Bad(f"is not a valid URL (port {port_text!r} of {host} is not a number"
+                       " from 1 to 65535)")
+        found.append((host, port))
+    return found
 
 
 def parse_database_url(url):
-    """sqlite:///relative.db, sqlite:////abs.db or postgresql://u:p@h:5432/db."""
+    """sqlite:///relative.db, sqlite:////abs.db or postgresql://u:p@h:5432/db,
+    the last with libpq's list of hosts (h1:5432,h2:5432) and parameters
+    (?target_session_attrs=read-write)."""
     try:
         parts = urlsplit(url)
-        port = parts.port
     except ValueError as e:
         # Not the URL itself: it may carry a password.
         raise _Bad(f"is not a valid URL ({e})") from None
@@ -532,16 +592,38 @@ def parse_database_url(url):
             raise _Bad("a SQLite URL looks like sqlite:///apigw.db")
         return DatabaseURL(kind="sqlite", path=path)
     if parts.scheme in ("postgres", "postgresql"):
-        dbname = parts.path.lstrip("/")
-        if not parts.hostname or not dbname:
-            raise _Bad("a PostgreSQL URL looks like postgresql://user:pass@host:5432/db")
-        from urllib.parse import unquote
+        from urllib.parse import parse_qsl, unquote
 
-        params = {"host": parts.hostname, "port": port or 5432, "dbname": unquote(dbname)}
-        if parts.username:
-            params["user"] = unquote(parts.username)
-        if parts.password:
-            params["password"] = unquote(parts.password)
+        dbname = parts.path.lstrip("/")
+        user, password, hosts_text = _split_userinfo(parts.netloc)
+        if not hosts_text or not dbname:
+            raise _Bad("a PostgreSQL URL looks like postgresql://user:pass@host:5432/db")
+        hosts = _split_hosts(hosts_text, 5432)
+        params = {"dbname": unquote(dbname)}
+        if len(hosts) == 1:
+            params["host"], params["port"] = hosts[0]
+        else:
+            # libpq's keyword form of a host list: it tries them in order
+            # and, with target_session_attrs, keeps the one that fits.
+            params["host"] = ",".join(h for h, _ in hosts)
+            params["port"] = ",".join(str(p) for _, p in hosts)
+        if user:
+            params["user"] = user
+        if password:
+            params["password"] = password
+        try:
+            query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True) \
+                if parts.query else []
+        except ValueError:
+            raise _Bad("the query is not name=value pairs joined by &") from None
+        for name, value in query:
+            if name not in _LIBPQ_PARAMETERS:
+                known = ", ".join(sorted(_LIBPQ_PARAMETERS))
+                raise _Bad(f"parameter {name!r} is not one of {known}")
+            allowed = _LIBPQ_PARAMETERS[name]
+            if allowed is not None and value not in allowed:
+                raise _Bad(f"{name} {value!r} is not one of {', '.join(allowed)}")
+            params[name] = value
         return DatabaseURL(kind="postgresql", params=params)
     raise _Bad(f"scheme {parts.scheme or '(none)'!r} is not sqlite or postgresql")
 
@@ -558,19 +640,59 @@ class RedisURL:
         return f"Redis at {self.host}:{self.port}/{self.db}"
 
 
-def parse_redis_url(url):
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        # Not the URL itself: it may carry a password.
-        raise _Bad(f"is not a valid URL ({e})") from None
-    if parts.scheme != "redis" or not parts.hostname:
-        raise _Bad("a Redis URL looks like redis://host:6379/0")
-    db_text = parts.path.lstrip("/") or "0"
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class SentinelRedisURL:
+    """redis+sentinel://: the master of `master_name`, as the sentinels say."""
+
+    sentinels: Tuple[Tuple[str, int], ...]
+    master_name: str
+    db: int
+    password: Optional[str]  # the Redis servers'; the sentinels are asked without
+
+    def describe(self):
+        """Where the counters live, for the log: never the password."""
+        where = _host_port_list([h for h, _ in self.sentinels],
+                                [p for _, p in self.sentinels])
+        return f"Redis master {self.master_name!r}/{self.db} through Sentinel at {where}"
+
+
+def _redis_db(text):
+    db_text = text or "0"
     # str.isdigit() also accepts digits int() refuses, such as "²".
     if not (db_text.isascii() and db_text.isdigit()):
         raise _Bad(f"database {db_text!r} is not a number")
+    return int(db_text)
+
+
+def parse_redis_url(url):
+    """redis://[:password@]host[:port][/db], a RedisURL, or
+    redis+sentinel://[:password@]host[:port][,host[:port]...]/name[/db], a
+    SentinelRedisURL."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        # Not the URL itself: it may carry a password.
+        raise _Bad(f"is not a valid URL ({e})") from None
+    if parts.scheme == "redis+sentinel":
+        from urllib.parse import unquote
+
+        _, password, hosts_text = _split_userinfo(parts.netloc)
+        name, _, db_text = parts.path.lstrip("/").partition("/")
+        if not hosts_text or not name or "/" in db_text:
+            raise _Bad("a Sentinel URL looks like"
+                       " redis+sentinel://host:26379,host2:26379/mymaster/0")
+        return SentinelRedisURL(
+            sentinels=tuple(_split_hosts(hosts_text, 26379)), master_name=unquote(name),
+            db=_redis_db(db_text), password=password,
+        )
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise _Bad(f"is not a valid URL ({e})") from None
+    if parts.scheme != "redis" or not parts.hostname:
+        raise _Bad("a Redis URL looks like redis://host:6379/0"
+                   " (or redis+sentinel://host:26379/mymaster/0)")
     return RedisURL(
-        host=parts.hostname, port=port or 6379, db=int(db_text), password=parts.password
+        host=parts.hostname, port=port or 6379, db=_redis_db(parts.path.lstrip("/")),
+        password=parts.password,
     )

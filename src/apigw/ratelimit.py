@@ -15,8 +15,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from apigw.config import SentinelRedisURL
 from apigw.errors import GatewayError
 from apigw.outage import OutageLog
+from apigw.sentinel import MasterWatch, client_endpoint
 
 log = Logger()
 
@@ -34,6 +36,10 @@ class Decision:
 
 class LimiterUnavailable(Exception):
     """The shared counter store could not decide in time."""
+
+
+class MasterUnreachable(Exception):
+    """The server the sentinels name as master does not take connections."""
 
 
 def bucket_for(service_name, consumer_id, client_ip):
@@ -217,6 +223,8 @@ class RedisLimiter:
         self._poolsize = poolsize
         self._reactor = reactor
         self._factory = None
+        self._retries = None
+        self.watch = None  # a MasterWatch when the URL names sentinels
         self._next = 0
         # Connection -> when its first unanswered timeout happened: a silent
         # partition leaves the socket open for ever unless we close it.
@@ -240,8 +248,15 @@ class RedisLimiter:
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor
+        if isinstance(self._url, SentinelRedisURL):
+            self.watch = MasterWatch(self._url, self._clock, reactor, self._master_changed)
+            endpoint = _MasterEndpoint(self.watch, reactor)
+            where = f"sentinel:{self._url.master_name}"
+        else:
+            endpoint = HostnameEndpoint(reactor, self._url.host, self._url.port, timeout=2)
+            where = f"{self._url.host}:{self._url.port}"
         factory = txredisapi.RedisFactory(
-            f"{self._url.host}:{self._url.port}", self._url.db, self._poolsize,
+            where, self._url.db, self._poolsize,
             isLazy=True, password=self._url.password,
             # No timer per command: check() keeps the deadline, and
             # _timed_out() replaces a connection that stopped answering.
@@ -250,19 +265,50 @@ class RedisLimiter:
         # After a dropped connection the pool waits this long before its
         # first new connect (later ones wait inside _QuietRetries): a
         # limiter outage costs every request, the library's 10 s is long.
-        factory.initialDelay = 0.2
+        factory.initialDelay = 0.2 if self.watch is None else 0.05
         factory.maxDelay = 2.0
-        factory.startConnecting(_QuietRetries(
-            HostnameEndpoint(reactor, self._url.host, self._url.port, timeout=2),
-            self._clock, self.outage,
-        ))
+        self._retries = _QuietRetries(endpoint, self._clock, self.outage)
+        factory.startConnecting(self._retries)
         self._factory = factory
+        if self.watch is not None:
+            self.watch.start()
 
     def stop(self):
         factory, self._factory = self._factory, None
         if factory is None:
             return defer.succeed(None)
-        return factory.disconnect()
+        watch, self.watch = self.watch, None
+        stopping = [factory.disconnect()]
+        if watch is not None:
+            stopping.append(watch.stop())
+        return defer.gatherResults(stopping, consumeErrors=True)
+
+    @property
+    def master(self):
+        """The master in use, as host:port, when Sentinel names it; else None."""
+        return self.watch.describe_address() if self.watch is not None else None
+
+    def _master_changed(self, old, new):
+        # Connections to the old master either died with it or now reach a
+        # replica that answers READONLY: replace them, and connect to the
+        # new one now rather than at the next retry.
+        if old is not None and self._factory is not None:
+            self._silent_since.clear()
+            for redis in list(self._factory.pool):
+                transport = getattr(redis, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+        self._retries.kick()
+
+    def _not_master(self, redis):
+        # A demoted master keeps its connections open: only asking the
+        # sentinels again (and a new connection) gets us to the new one.
+        if self.watch is None:
+            return
+        transport = getattr(redis, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        self.watch.refresh()
 
     def ping(self):
         if not self.connected:
@@ -336,11 +382,16 @@ class RedisLimiter:
         return failure
 
     def _unavailable(self, failure, redis):
+        from txredisapi import ResponseError
+
         if failure.check(defer.CancelledError, LimiterUnavailable):
             return failure  # cancelled: the client left, Redis is fine
         if failure.check(defer.TimeoutError):
             self._timed_out(redis)
             raise LimiterUnavailable(f"no answer from Redis in {self._timeout_s} s")
+        if failure.check(ResponseError) and str(failure.value).startswith("READONLY"):
+            self._not_master(redis)
+            raise LimiterUnavailable("Redis answered READONLY: it is a replica now")
         raise LimiterUnavailable(f"Redis failed: {failure.getErrorMessage()}")
 
 
@@ -352,7 +403,8 @@ class _QuietRetries:
     per connection and attempt, every two seconds for as long as Redis is
     down. Retried in here, a failed connect never reaches it; the outage
     goes to `outage` (an OutageLog) instead. A limiter outage costs every
-    request, so the delay starts at 0.2 s and stops doubling at 2 s.
+    request, so the delay starts at 0.2 s and stops doubling at 2 s, and
+    kick() (a new Sentinel master) makes every waiting attempt try now.
     """
 
     initial_delay_s = 0.2
@@ -362,19 +414,27 @@ class _QuietRetries:
         self._endpoint = endpoint
         self._clock = clock
         self._outage = outage
+        self._waiting = set()  # the retry-now callables of attempts waiting
 
     def __repr__(self):
         # ClientService still logs one line per connection when a live one
         # drops, naming its endpoint: this.
         return f"<{self._outage.what}>"
 
+    def kick(self):
+        """Attempts waiting to retry start now; those under way, once they fail."""
+        for now in list(self._waiting):
+            now()
+
     def connect(self, factory):
         attempt = [None]  # the connect or the timer in progress
         delay_s = [self.initial_delay_s]
+        kicked = [False]
 
         def cancel(_):
             pending = attempt[0]
             attempt[0] = None
+            self._waiting.discard(now)
             if isinstance(pending, defer.Deferred):
                 pending.cancel()
             elif pending is not None and pending.active():
@@ -383,11 +443,24 @@ class _QuietRetries:
         connected = defer.Deferred(cancel)
 
         def start():
+            kicked[0] = False
             d = attempt[0] = self._endpoint.connect(factory)
             d.addCallbacks(succeeded, failed)
 
+        def now():
+            delay_s[0] = self.initial_delay_s
+            timer = attempt[0]
+            if isinstance(timer, defer.Deferred):
+                # Under way, perhaps to the old address: when it fails, the
+                # next one starts at once.
+                kicked[0] = True
+            elif timer is not None and timer.active():
+                timer.cancel()
+                start()
+
         def succeeded(protocol):
             attempt[0] = None
+            self._waiting.discard(now)
             self._outage.recovered()
             connected.callback(protocol)
 
@@ -395,12 +468,43 @@ class _QuietRetries:
             if connected.called:  # cancelled: ClientService is stopping
                 return None
             self._outage.failed(failure.getErrorMessage())
+            if kicked[0]:
+                start()
+                return None
             attempt[0] = self._clock.callLater(delay_s[0], start)
             delay_s[0] = min(self.max_delay_s, delay_s[0] * 2)
             return None
 
+        self._waiting.add(now)
         start()
         return connected
+
+
+@implementer(IStreamClientEndpoint)
+class _MasterEndpoint:
+    """Connects to whichever server the sentinels last named master."""
+
+    def __init__(self, watch, reactor):
+        self._watch = watch
+        self._reactor = reactor
+
+    def connect(self, factory):
+        address = self._watch.address
+        if address is None:
+            # Not a failure to log: the sentinels' links say if they fail.
+            d = self._watch.when_known()
+            d.addCallback(lambda _: self.connect(factory))
+            return d
+        endpoint = client_endpoint(self._reactor, *address)
+        d = endpoint.connect(factory)
+        d.addErrback(self._failed, address)
+        return d
+
+    def _failed(self, failure, address):
+        # Unreachable: perhaps a failover is under way, or done and missed.
+        self._watch.refresh()
+        host, port = address
+        raise MasterUnreachable(f"master {host}:{port}: {failure.getErrorMessage()}")
 
 
 def _add_patient_timeout(d, timeout_s, clock):

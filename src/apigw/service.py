@@ -84,8 +84,8 @@ class GatewayService(MultiService):
         self._open_files = raise_open_files_limit()
         self.root = GatewayRoot()
         self.root.putChild(b"healthz", Healthz())
-        self.root.putChild(b"readyz",
-                           Readyz(self.readiness, self._metrics_trusted, self.degraded))
+        self.root.putChild(b"readyz", Readyz(self.readiness, self._metrics_trusted,
+                                             self.degraded, self.readiness_details))
         self.root.putChild(b"metrics", MetricsResource(self.metrics, self._metrics_trusted))
         self.traffic = TrafficHistory(self.metrics.registry, self.clock)
         self.admin = AdminAPI(
@@ -237,6 +237,13 @@ class GatewayService(MultiService):
         if self.key_changes is not None and self.key_changes.degraded:
             notes.append(self.key_changes.degraded)
         return notes
+
+    def readiness_details(self):
+        """What /readyz adds: the Redis master in use, when Sentinel names it."""
+        limiter = self.rate_limiting.limiter
+        if getattr(limiter, "watch", None) is None:
+            return {}
+        return {"redis_master": limiter.master}
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -290,14 +290,17 @@ class Readyz(GetOnly):
     that are down (empty when ready); `trusted(address)` says who may see
     those names (the others get the status alone); `degraded`, if given, a
     callable returning sentences about parts that work in a lesser way
-    (listed under "degraded", without failing readiness).
+    (listed under "degraded", without failing readiness); `details`, if
+    given, a callable returning more fields for trusted callers (which Redis
+    master is in use).
     """
 
-    def __init__(self, readiness, trusted=lambda address: True, degraded=None):
+    def __init__(self, readiness, trusted=lambda address: True, degraded=None, details=None):
         super().__init__()
         self._readiness = readiness
         self._trusted = trusted
         self._degraded = degraded
+        self._details = details
 
     def render_GET(self, request):
         d = Deferred.fromCoroutine(self._readiness())
@@ -320,9 +323,12 @@ class Readyz(GetOnly):
                 payload["down"] = down
         else:
             payload = {"status": "ready"}
-        notes = self._degraded() if self._degraded is not None and trusted else None
-        if notes:
-            payload["degraded"] = notes
+        if trusted:
+            notes = self._degraded() if self._degraded is not None else None
+            if notes:
+                payload["degraded"] = notes
+            if self._details is not None:
+                payload.update(self._details())
         body = json_response(request, 503 if down else 200, payload)
         request.write(body)
         request.finish()
