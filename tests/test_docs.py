@@ -156,3 +156,24 @@ def test_links_stay_in_the_repository_and_resolve(page):
         assert path.is_relative_to(ROOT), f"{page.name} links outside the repository: {target}"
         assert path.exists(), f"{page.name} links to a missing file: {target}"
     assert "shared/" not in text and "SPEC" not in text
+
+
+# --- README.md's limits ----------------------------------------------------------------
+
+EDGE_LIMITS = {
+    "client_max_line_bytes", "client_max_headers", "client_max_head_bytes",
+    "client_header_timeout", "client_body_timeout", "client_send_timeout", "keepalive_timeout",
+    "max_connections", "upstream_max_head_bytes", "upstream_max_headers",
+    "upstream_max_idle_per_target", "upstream_idle_timeout", "max_body_bytes",
+    "websocket_idle_timeout", "timeout",
+}
+
+
+def test_readme_lists_every_edge_limit_with_the_codes_default():
+    """When README's security table is read, it has every edge limit, each with the default Settings() has."""
+    rows = {names(row["setting"])[0]: row
+            for row in tables(ROOT / "README.md")["Security and limits"]}
+    assert set(rows) == EDGE_LIMITS
+    for field, row in rows.items():
+        attribute, check = SETTINGS_FIELDS[field]
+        assert check(literal(row["default"])) == getattr(Settings(), attribute), field
