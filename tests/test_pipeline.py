@@ -12,6 +12,7 @@ from twisted.web import resource, server
 from twisted.web.client import ResponseDone
 import pytest
 
+from apigw.body import BytesProducer
 from apigw.config import Environment, parse_config
 from apigw.deadlines import Watchdog
 from apigw.listener import CannotStart, Listener
@@ -30,21 +31,10 @@ class FakeResponse:
         self._body = body
 
     def deliverBody(self, protocol):
-        protocol.makeConnection(_Producer())
+        protocol.makeConnection(BytesProducer(b""))
         if self._body:
             protocol.dataReceived(self._body)
         protocol.connectionLost(Failure(ResponseDone()))
-
-
-class _Producer:
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
 
 
 class FakeClient:
@@ -133,7 +123,7 @@ def test_request_carries_no_state_written_by_other_modules():
         def render(self, request):
             # The public calls the relay makes, so that what they set counts
             # as twisted.web's own.
-            request.registerProducer(_Producer(), True)
+            request.registerProducer(BytesProducer(b""), True)
             request.unregisterProducer()
             stock.append(request)
             return b"ok"

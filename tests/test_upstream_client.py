@@ -59,8 +59,10 @@ MB = 1024 * 1024
 # In memory: one MemoryEndpoint, StringTransports, a clock.
 
 
-@pytest.fixture
-def mem():
+def _memory_pool():
+    """A pool on a MemoryReactorClock whose every connection goes to one
+    MemoryEndpoint; `clock`, `endpoint` and `built` (the endpoints asked
+    for) ride along for the test."""
     clock = MemoryReactorClock()
     endpoint = MemoryEndpoint()
     built = []
@@ -69,9 +71,17 @@ def mem():
         built.append((scheme, host, port))
         return endpoint
 
-    pool = ConnectionPool(clock, max_idle_per_target=2, idle_timeout_s=30, endpoint_for=endpoint_for)
-    agent = FastAgent(clock, pool)
-    agent.clock, agent.endpoint, agent.built = clock, endpoint, built
+    pool = ConnectionPool(clock, max_idle_per_target=2, idle_timeout_s=30,
+                          endpoint_for=endpoint_for)
+    pool.clock, pool.endpoint, pool.built = clock, endpoint, built
+    return pool
+
+
+@pytest.fixture
+def mem():
+    pool = _memory_pool()
+    agent = FastAgent(pool.clock, pool)
+    agent.clock, agent.endpoint, agent.built = pool.clock, pool.endpoint, pool.built
     return agent
 
 
@@ -353,18 +363,7 @@ def make_target(host=b"up.example", port=80, base_path=b"", scheme=b"http"):
 
 @pytest.fixture
 def pool():
-    clock = MemoryReactorClock()
-    endpoint = MemoryEndpoint()
-    built = []
-
-    def endpoint_for(scheme, host, port):
-        built.append((scheme, host, port))
-        return endpoint
-
-    pool = ConnectionPool(clock, max_idle_per_target=2, idle_timeout_s=30,
-                          endpoint_for=endpoint_for)
-    pool.clock, pool.endpoint, pool.built = clock, endpoint, built
-    return pool
+    return _memory_pool()
 
 
 def send(pool, target, method=b"GET", path=b"/p", headers=None, body=None):
