@@ -82,8 +82,9 @@ def parse_args(argv):
     p.add_argument("--no-prototype", action="store_true",
                    help="skip the Flask prototype peer")
     p.add_argument("--prototype", metavar="DIR", default=peerprocs.DEFAULT_PROTOTYPE,
-                   help="the Flask prototype's folder, copied at run time "
-                        "(default ../shared/seed/prototype from the checkout's root)")
+                   help="the Flask prototype's folder, copied at run time (default: "
+                        "$APIGW_PROTOTYPE, else a seed/prototype folder in a directory "
+                        "beside the checkout)")
     p.add_argument("--prototype-postgres", metavar="URL", default=peerprocs.DEFAULT_PG_ADMIN,
                    help="PostgreSQL server (and a database to connect to) where the "
                         "prototype's own database is created and dropped "

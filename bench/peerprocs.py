@@ -34,8 +34,21 @@ GUNICORN = "gunicorn>=21"
 _STRIP_ENV = procs.GATEWAY_ENV + ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "http_proxy",
                                   "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
                                   "ALL_PROXY", "no_proxy", "NO_PROXY")
-DEFAULT_PROTOTYPE = os.path.normpath(os.path.join(procs.REPO, "..", "shared", "seed",
-                                                  "prototype"))
+def default_prototype():
+    """APIGW_PROTOTYPE, else a `seed/prototype` folder in a directory beside
+    the checkout (where the project's hand-over material sits), else None."""
+    named = os.environ.get("APIGW_PROTOTYPE")
+    if named:
+        return named
+    parent = os.path.dirname(procs.REPO)
+    for entry in sorted(os.listdir(parent)):
+        candidate = os.path.join(parent, entry, "seed", "prototype")
+        if os.path.isfile(os.path.join(candidate, "app.py")):
+            return candidate
+    return None
+
+
+DEFAULT_PROTOTYPE = default_prototype()
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -219,6 +232,8 @@ settings:
 
 def prototype_problem(prototype_dir, pg_admin_url):
     """Why the prototype peer cannot run here, or None."""
+    if prototype_dir is None:
+        return "no Flask prototype found (set APIGW_PROTOTYPE or --prototype DIR)"
     if not os.path.isfile(os.path.join(prototype_dir, "app.py")) or not os.path.isfile(
             os.path.join(prototype_dir, "requirements.txt")):
         return f"no Flask prototype (app.py, requirements.txt) in {prototype_dir} (--prototype DIR)"

@@ -1,7 +1,7 @@
 """The fault-injection soak: two gateway processes sharing a private Redis and
 a private PostgreSQL under steady wrk load while the upstream, Redis and
 PostgreSQL are each killed (or stopped) and brought back. Every response is
-judged against what the contract (SPEC sections 3, 4 and 8) allows for the
+judged against what the documented behaviour (docs/operations.md) allows for the
 fault in progress when it arrived.
 
 Run it through bench/soak (see bench/README.md).
