@@ -79,7 +79,9 @@ def test_retry_waits_the_jittered_backoff_on_the_injected_clock():
     channel, transport = _connect(service.site)
     channel.dataReceived(b"GET /svc/a?b=%2F HTTP/1.1\r\nHost: gw\r\nX-Request-ID: r-1\r\n\r\n")
     [(target, method, path, headers, first)] = client.requests
-    assert (method, path, headers[b"Host"]) == (b"GET", b"/a?b=%2F", b"127.0.0.1:9")
+    # Host is the client's to add, from the target.
+    assert (method, path, target.host_header) == (b"GET", b"/a?b=%2F", b"127.0.0.1:9")
+    assert b"Host" not in headers
     assert headers[b"X-Request-ID"] == b"r-1" and headers[b"X-Forwarded-For"] == b"10.0.0.7"
     first.callback(FakeResponse(503))
     clock.advance(0.19)

@@ -7,6 +7,7 @@ import uuid
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.web.client import HTTPConnectionPool
 
 from tests.helpers import http, raw_exchange, start_gateway
@@ -467,3 +468,59 @@ async def test_refused_ip_target_fails_fast():
         assert reactor.seconds() - started < 0.2
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bodies_cut_short_open_the_targets_breaker():
+    """When an upstream keeps cutting its bodies short after a 200 head, those count as failures of the target and its breaker opens."""
+    raw = RawUpstream("cut").start()
+    service, base = await start_gateway(
+        f"services:\n  cut:\n    url: {raw.url}\n    auth: false\n    retries: 0\n"
+        "settings:\n  breaker_failure_threshold: 2\n  breaker_min_requests: 1\n")
+    try:
+        port = int(base.rsplit(":", 1)[1])
+        for _ in range(2):
+            data = await raw_exchange(port, b"GET /cut/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert data.startswith(b"HTTP/1.1 200")
+        reply = await http("GET", base + "/cut/x")
+        assert reply.code == 503 and "circuit open" in reply.json()["error"]
+        assert raw.connections == 2
+    finally:
+        await service.stopService()
+        await raw.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_checked_before_a_reload_finishes_on_its_route(tmp_path):
+    """When the config is reloaded between a request's head and the end of its body, the request goes where it was checked to go."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from apigw.config import load_config
+    from apigw.service import GatewayService
+    from tests.helpers import _Collect
+
+    upstream = TestUpstream().start()
+    path = tmp_path / "gw.yaml"
+    path.write_text(f"services:\n  pub:\n    url: {upstream.url}\n    auth: false\n")
+    config = load_config(str(path), environ={"DATABASE_URL": f"sqlite:///{tmp_path}/k.db"})
+    service = GatewayService(config, port="tcp:0:interface=127.0.0.1")
+    service.startService()
+    try:
+        port = (await service.when_listening()).getHost().port
+        proto = _Collect()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+        proto.transport.write(b"POST /pub/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n"
+                              b"Connection: close\r\n\r\nhello")
+        for _ in range(100):
+            if service.in_flight:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        path.write_text(f"services:\n  other:\n    url: {upstream.url}\n    auth: false\n")
+        service.reload()
+        proto.transport.write(b"world")
+        data = await proto.done
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+        assert upstream.requests[-1]["body_length"] == 10
+    finally:
+        await service.stopService()
+        await upstream.stop()

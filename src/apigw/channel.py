@@ -111,6 +111,12 @@ class GatewayChannel(http.HTTPChannel):
         self._idle_since = self.factory.clock.seconds()
         super().requestDone(request)
 
+    def body_resumed(self):
+        """Reading resumes after the checks held the body back: the body
+        deadline counts from now, not from while the gateway kept it."""
+        if self._body_since is not None:
+            self._body_since = self.factory.clock.seconds()
+
     def check_deadline(self, now):
         """The site's watchdog asks: drop a head that takes too long to
         arrive (however slowly it trickles) and a keep-alive connection

@@ -16,7 +16,6 @@ none of which a proxy may do.
 
 import random
 
-import attr
 from twisted.internet import defer, error, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -45,13 +44,26 @@ _CONNECTION_FAILURES = (
 )
 
 
-@attr.s(slots=True, auto_attribs=True)
 class Forwarded:
-    """The response to relay, and the breaker of the target that gave it
-    (told if the body is cut off later)."""
+    """The response to relay, and the breaker of the target that gave it.
 
-    response: object
-    breaker: object
+    An answer the breaker counts as a failure (502, 503, 504) has its
+    verdict already; any other waits for its body (`settle`): a 200 cut
+    short mid-body is a failure of the target too.
+    """
+
+    __slots__ = ("response", "breaker", "_pending")
+
+    def __init__(self, response, breaker, pending):
+        self.response = response
+        self.breaker = breaker
+        self._pending = pending
+
+    def settle(self, verdict):
+        """Give the target its verdict (one of the breaker's record_*), once."""
+        if self._pending:
+            self._pending = False
+            verdict()
 
 
 class AgentClient:
@@ -104,6 +116,7 @@ class Forwarder:
         )
         self._balancers = {}
         self._configured = False
+        self._latency = {}
 
     def configure(self, config):
         """Apply a loaded or reloaded GatewayConfig: backoff and breaker
@@ -185,7 +198,7 @@ class Forwarder:
             )
         if isinstance(result, GatewayError):
             raise result
-        return Forwarded(result, breaker)
+        return Forwarded(result, breaker, pending=result.code not in RETRYABLE_STATUSES)
 
     async def _attempt(self, request, service, target, breaker, upstream_path, header_pairs,
                        outcome):
@@ -210,8 +223,7 @@ class Forwarder:
             raise
         if response.code in RETRYABLE_STATUSES:
             breaker.record_failure()
-        else:
-            breaker.record_success()
+        # Else the verdict waits for the body (Forwarded.settle).
         return response
 
     async def _send(self, request, service, target, upstream_path, header_pairs, outcome):
@@ -226,7 +238,8 @@ class Forwarder:
             )
         started = self._clock.seconds()
         d = self.client.request(
-            target, request.method, path, [(b"Host", target.host_header)] + header_pairs,
+            # Host: the client adds the target's own.
+            target, request.method, path, header_pairs,
             body_producer(request),
         )
         # Cancelling the client's Deferred fails it with ResponseNeverReceived,
@@ -245,7 +258,12 @@ class Forwarder:
         finally:
             elapsed = self._clock.seconds() - started
             outcome.upstream_latency_ms = round(elapsed * 1000, 3)
-        self._metrics.upstream_latency.labels(service.name).observe(elapsed)
+        latency = self._latency.get(service.name)
+        if latency is None:
+            # The label lookup takes a lock: once per service, not per request.
+            latency = self._latency[service.name] = \
+                self._metrics.upstream_latency.labels(service.name)
+        latency.observe(elapsed)
         return response
 
 

@@ -19,7 +19,7 @@ from apigw.errors import GatewayError, error_response
 from apigw.keys import AuthFailure, KeyStoreUnavailable
 from apigw.logs import redact
 from apigw.paths import forwarded_path
-from apigw.relay import CUT_SHORT, FAILED, relay
+from apigw.relay import CLIENT_GONE, COMPLETE, FAILED, relay
 from apigw.websocket import Tunnels, is_handshake
 
 log = Logger()
@@ -69,52 +69,57 @@ class Pipeline:
         route = request.site.getResourceFor(request)
         if getattr(route, "service", None) is None:
             return  # the admin API, a 404: twisted.web reads the body as usual
-        early = _Early(self._accounting.opened(request), request)
+        early = _Early(self._accounting.opened(request), request, route)
         early.outcome.service = route.service.name
         self._early[request] = early
-        request.transport.pauseProducing()
         checks = Deferred.fromCoroutine(self._checks(request, route, early.outcome, length))
+        if not checks.called:
+            # Waiting on the key store or Redis: hold the body back meanwhile.
+            early.paused = True
+            request.transport.pauseProducing()
         early.checks = checks
-        request.notifyFinish().addErrback(lambda _: checks.cancel())
         request.notifyFinish().addErrback(self._gone_early, request, early)
         checks.addBoth(self._checked, request, early)
 
     def _gone_early(self, _, request, early):
-        # Gone after its checks, before its body was in: nothing else will
-        # account for it (a journey, or _checked, would have popped it).
-        if self._early.get(request) is early and early.journey is None:
+        if early.checks is not None:
+            early.checks.cancel()  # _checked accounts for it
+        elif self._early.get(request) is early and early.journey is None:
+            # Gone after its checks, before its body was in: nothing else
+            # will account for it.
             del self._early[request]
             self._close(request, early.outcome)
 
     def _checked(self, result, request, early):
         early.checks = None
-        if isinstance(result, Failure):
-            if early.journey is None:
-                if request.client_gone:
-                    # Gone before its body was in: no journey will account it.
-                    self._early.pop(request, None)
-                    self._journey_ended(result, request, early.outcome)
-                    return
-                # Refused: answered now, without reading the body.
-                early.result = result
+        early.result = result
+        if isinstance(result, Failure) and early.journey is None:
+            if self._early.get(request) is not early:
+                return  # accounted for already
+            if request.client_gone:
+                del self._early[request]
+                self._journey_ended(result, request, early.outcome)
+            else:
+                # Refused: answered now, without reading the body; process()
+                # runs the journey, which meets the refusal at once.
                 request.channel.answer_early(request)
-                return
-            early.result = result
-        else:
-            early.result = result
+            return
+        if not isinstance(result, Failure) and early.journey is None:
             if early.expect_continue and not request.client_gone:
                 request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.transport.resumeProducing()
+            if early.paused:
+                request.channel.body_resumed()
+                request.transport.resumeProducing()
         waiting, early.waiting = early.waiting, None
         if waiting is not None:
-            _fire(waiting, early.result)
+            _fire(waiting, result)
 
     def process(self, request):
         """Entry point for a parsed request (GatewayRequest.process)."""
         early = self._early.pop(request, None)
         if early is not None:
-            self._start_journey(request, request.site.getResourceFor(request), early.outcome,
-                                early)
+            # The route it was checked on, whatever a reload did meanwhile.
+            self._start_journey(request, early.route, early.outcome, early)
             return
         if request.path in UNCOUNTED:
             self._render(request, request.site.getResourceFor(request))
@@ -147,46 +152,58 @@ class Pipeline:
     async def _journey(self, request, route, outcome, early=None):
         if early is None:
             checked = await self._checks(request, route, outcome, request.body_length)
+        elif early.result is not None:
+            checked = _result(early.result)
         else:
             checked = await early.outcome_of_checks()
-        consumer, limit_headers = checked
+        upstream_path, websocket, consumer, limit_headers = checked
         service = route.service
         if request.body_too_large or request.body_length > service.max_body_bytes:
             # A chunked body, whose size was known only now.
             raise GatewayError(413, f"request body is larger than {service.max_body_bytes} bytes")
-        websocket = is_handshake(request)
         # breaker, forward
         forwarded = await self._forwarder.forward(
-            request, service, forwarded_path(request.uri, service), consumer, outcome,
-            websocket=websocket)
-        if websocket and forwarded.response.code == 101:
-            # Joined to the upstream until either side closes (apigw.websocket).
-            return await self.tunnels.run(request, forwarded.response, limit_headers,
-                                          outcome, route.settings.websocket_idle_timeout_s)
-        # relay
-        ended = await relay(request, forwarded.response, limit_headers,
-                            request.site.date.now(), service.timeout_s, self._clock,
-                            self.watchdog, self.send_timeout_s)
-        if ended == FAILED or ended == CUT_SHORT:
-            # A connection failure of this target, too late to retry but not
-            # too late to count.
-            forwarded.breaker.record_failure()
+            request, service, upstream_path, consumer, outcome, websocket=websocket)
+        breaker = forwarded.breaker
+        try:
+            if websocket and forwarded.response.code == 101:
+                forwarded.settle(breaker.record_success)
+                # Joined to the upstream until either side closes (apigw.websocket).
+                return await self.tunnels.run(request, forwarded.response, limit_headers,
+                                              outcome, route.settings.websocket_idle_timeout_s)
+            # relay
+            ended = await relay(request, forwarded.response, limit_headers,
+                                request.site.date.now(), service.timeout_s, self._clock,
+                                self.watchdog, self.send_timeout_s)
+        except BaseException:
+            forwarded.settle(breaker.record_cancelled)
+            raise
+        # The target's verdict waits for the body: an answer cut short is a
+        # connection failure, too late to retry but not to count.
+        if ended == COMPLETE:
+            forwarded.settle(breaker.record_success)
+        elif ended == CLIENT_GONE:
+            forwarded.settle(breaker.record_cancelled)
+        else:
+            forwarded.settle(breaker.record_failure)
             if ended == FAILED:
                 raise GatewayError(502, f"upstream {service.name} sent a malformed response")
             outcome.error = "upstream body cut short"
         return ended
 
     async def _checks(self, request, route, outcome, length):
-        """route, size, auth, limit: (consumer, rate-limit headers), or the
-        GatewayError the client is answered with. `length`: the body's size
-        as declared or read (None: chunked, still unknown)."""
+        """route, size, auth, limit: (upstream path, whether a WebSocket
+        handshake, consumer, rate-limit headers), or the GatewayError the
+        client is answered with. `length`: the body's size as declared or
+        read (None: chunked, still unknown)."""
         service = route.service
         # route: the tree found the service; the rest must stay inside it.
-        forwarded_path(request.uri, service)
+        upstream_path = forwarded_path(request.uri, service)
         # size
         if request.body_too_large or (length is not None and length > service.max_body_bytes):
             raise GatewayError(413, f"request body is larger than {service.max_body_bytes} bytes")
-        if not service.websocket and is_handshake(request):
+        websocket = is_handshake(request)
+        if websocket and not service.websocket:
             raise GatewayError(400, f"service {service.name} does not accept WebSocket upgrades")
         # auth
         consumer = None
@@ -197,7 +214,7 @@ class Pipeline:
         limit_headers = await self._rate_limiting.check(
             service, consumer, request.client_ip, route.settings)
         outcome.extra_headers = limit_headers  # answers from here on carry them
-        return consumer, limit_headers
+        return upstream_path, websocket, consumer, limit_headers
 
     async def _authenticate(self, request, service):
         given = request.requestHeaders.getRawHeaders(b"x-api-key")
@@ -258,10 +275,13 @@ class _Early:
     """A request whose checks ran when its head came in: the pipeline's
     record of it until its body is in too."""
 
-    __slots__ = ("outcome", "expect_continue", "checks", "result", "waiting", "journey")
+    __slots__ = ("outcome", "route", "expect_continue", "checks", "result", "waiting",
+                 "journey", "paused")
 
-    def __init__(self, outcome, request):
+    def __init__(self, outcome, request, route):
         self.outcome = outcome
+        self.route = route
+        self.paused = False
         # Ours to send once the checks pass: twisted.web would send it at once.
         expect = request.requestHeaders.getRawHeaders(b"expect")
         self.expect_continue = bool(expect) and expect[0].lower() == b"100-continue" \
@@ -273,16 +293,14 @@ class _Early:
         self.journey = None
 
     def outcome_of_checks(self):
-        if self.result is not None:
-            return _fired(self.result)
         self.waiting = Deferred()
         return self.waiting
 
 
-def _fired(result):
-    d = Deferred()
-    _fire(d, result)
-    return d
+def _result(result):
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
 
 
 def _fire(d, result):

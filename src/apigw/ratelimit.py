@@ -516,9 +516,12 @@ def _add_patient_timeout(d, timeout_s, clock):
     callLater(0) from the timer runs after the next poll has read it.
     """
     expired = []
+    finished = []
 
     def expire():
-        if not d.called:
+        # Not d.called: after NOSCRIPT, d has fired into the EVAL's Deferred
+        # and waits on it; cancel() reaches that one too.
+        if not finished:
             expired.append(True)
             d.cancel()
 
@@ -526,6 +529,7 @@ def _add_patient_timeout(d, timeout_s, clock):
     calls = [call]
 
     def done(result):
+        finished.append(True)
         for c in calls:
             if c.active():
                 c.cancel()
