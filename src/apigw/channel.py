@@ -15,6 +15,7 @@ from twisted.web import http
 from zope.interface import implementer
 
 from apigw._twisted_compat import request_line, take_unread_bytes
+from apigw.headers import connection_tokens
 
 log = Logger()
 
@@ -234,9 +235,7 @@ def _peer(channel):
 
 
 def _asks_keep_alive(request):
-    values = request.requestHeaders.getRawHeaders(b"connection") or ()
-    return any(token.strip().lower() == b"keep-alive"
-               for value in values for token in value.split(b","))
+    return b"keep-alive" in connection_tokens(request.requestHeaders.getRawHeaders(b"connection"))
 
 
 class ConnectionLimit:

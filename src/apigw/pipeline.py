@@ -257,6 +257,8 @@ class Pipeline:
             log.failure("rendering {uri}", uri=redact(request.uri.decode("latin-1")))
             if not request.startedWriting:
                 error_response(request, 500, "internal gateway error")
+            elif not request.finished:
+                request.loseConnection()  # half an answer: nothing else would end it
 
     def _rendered(self, result, request, outcome):
         self._close(request, outcome)

@@ -7,6 +7,7 @@ admitted requests are counted, so a flood of 429s cannot eat the next window.
 
 import hashlib
 import math
+import weakref
 
 import attr
 from twisted.internet import defer
@@ -228,7 +229,7 @@ class RedisLimiter:
         self._next = 0
         # Connection -> when its first unanswered timeout happened: a silent
         # partition leaves the socket open for ever unless we close it.
-        self._silent_since = {}
+        self._silent_since = weakref.WeakKeyDictionary()
         self.outage = OutageLog(
             redis_url.describe(), clock, self.log,
             consequence="requests get the rate_limit_failure policy until it answers")

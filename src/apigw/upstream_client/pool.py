@@ -45,6 +45,8 @@ __all__ = ["ConnectionPool", "NotRetried"]
 # Idle longer than this, a connection's socket is checked for the peer's
 # close before reuse even when the request could be resent.
 _PEEK_AFTER_IDLE_S = 1.0
+# RFC 9110 9.2.2's idempotent methods, as Agent resends them (the client
+# stands alone; the gateway's own retry rule is apigw.retry).
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # What would break the request line; other bytes go out exactly as given.
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
