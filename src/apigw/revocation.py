@@ -196,7 +196,7 @@ def _open_listening(params):
     """In a pool thread: a connection that has run LISTEN."""
     import psycopg2
 
-    connection = psycopg2.connect(**params)
+    connection = psycopg2.connect(**params)  # reactor-safe: a pool thread (see _connect)
     try:
         connection.autocommit = True
         with connection.cursor() as cursor:
