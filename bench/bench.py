@@ -30,14 +30,6 @@ SERVICE = "bench"
 # request but never refuses one.
 NEVER_REACHED = 2_000_000_000
 
-GATEWAY_YAML = """\
-services:
-  {service}:
-    url: "http://127.0.0.1:{upstream_port}"
-    rate_limit: {limit}
-settings:
-  rate_period: 60
-"""
 
 NOAUTH_YAML = """\
 services:
@@ -267,8 +259,8 @@ def main(argv=None):
         full_path = [k for k in ("apigw", "apigw-w2") if k in chosen]
         if full_path:
             redis_dbs.append(procs.pick_redis_db(SHARED_REDIS_PORT))
-            yaml_text = GATEWAY_YAML.format(service=SERVICE, upstream_port=upstream_port,
-                                            limit=NEVER_REACHED)
+            yaml_text = procs.SERVICE_YAML.format(service=SERVICE, upstream_port=upstream_port,
+                                                  limit=NEVER_REACHED)
             for key in full_path:
                 env = {"DATABASE_URL": f"sqlite:///{workdir}/{key}/apigw.db",
                        "REDIS_URL": f"redis://127.0.0.1:{SHARED_REDIS_PORT}/{redis_dbs[0]}",

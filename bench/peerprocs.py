@@ -219,15 +219,6 @@ def wait_answering(proc, path, timeout_s=30.0):
 # its Redis round trip like apigw's full path.
 PROTOTYPE_SERVICE = "service1"
 
-_PROTOTYPE_YAML = """\
-services:
-  {service}:
-    url: "http://127.0.0.1:{upstream_port}"
-    rate_limit: {limit}
-
-settings:
-  rate_period: 60
-"""
 
 
 def prototype_problem(prototype_dir, pg_admin_url):
@@ -304,9 +295,9 @@ class Prototype:
         for d, _, _ in os.walk(self.app_dir):  # the source may be read-only
             os.chmod(d, os.stat(d).st_mode | stat.S_IWUSR)
         with open(os.path.join(self.app_dir, "gateway_config.yaml"), "w") as f:
-            f.write(_PROTOTYPE_YAML.format(service=PROTOTYPE_SERVICE,
-                                           upstream_port=self.upstream_port,
-                                           limit=self.rate_limit))
+            f.write(procs.SERVICE_YAML.format(service=PROTOTYPE_SERVICE,
+                                              upstream_port=self.upstream_port,
+                                              limit=self.rate_limit))
         with open(os.path.join(self.app_dir, ".env"), "w") as f:
             f.write(f"DEBUG=false\nDATABASE_URL={self.database_url}\n"
                     f"MASTER_KEY={self.master_key}\n"

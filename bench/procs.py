@@ -28,6 +28,17 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 # A gateway must not read these from our environment: each run sets its own.
+# One limited service on the bench's upstream: apigw's full path and the
+# Flask prototype read the same file format.
+SERVICE_YAML = """\
+services:
+  {service}:
+    url: "http://127.0.0.1:{upstream_port}"
+    rate_limit: {limit}
+settings:
+  rate_period: 60
+"""
+
 GATEWAY_ENV = ("DATABASE_URL", "REDIS_URL", "MASTER_KEY", "DEBUG")
 
 

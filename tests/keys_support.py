@@ -1,6 +1,7 @@
 """Fixtures for the key store tests: SQLite files and a PostgreSQL database
 of our own on the shared server, created for the session and dropped after."""
 
+import contextlib
 import secrets
 
 import psycopg2
@@ -21,14 +22,15 @@ def _admin_connection(dbname="postgres"):
     return conn
 
 
-@pytest.fixture(scope="session")
-def pg_database():
-    """A fresh database on the shared server, dropped when the session ends."""
+@contextlib.contextmanager
+def private_database(prefix="apigw_test_"):
+    """A fresh database on the shared server, dropped afterwards; the test
+    skips when the server does not answer."""
     try:
         conn = _admin_connection()
     except psycopg2.OperationalError as e:
         pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {e}")
-    name = "apigw_test_" + secrets.token_hex(6)
+    name = prefix + secrets.token_hex(6)
     with conn.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     try:
@@ -37,6 +39,13 @@ def pg_database():
         with conn.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A fresh database on the shared server, dropped when the session ends."""
+    with private_database() as name:
+        yield name
 
 
 def pg_url(dbname):

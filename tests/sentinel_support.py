@@ -22,7 +22,8 @@ def redis_cli(port, *args, timeout_s=5):
     return out.stdout.strip()
 
 
-def _wait(what, check, timeout_s, step_s=0.02):
+def wait_until(what, check, timeout_s, step_s=0.02):
+    """check()'s first true value; an assertion naming `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = check()
@@ -50,7 +51,7 @@ class _Server:
                 f"{self.name} exited with {self.process.returncode}; see {self.log_path}"
             return redis_cli(self.port, "PING") == "PONG"
 
-        _wait(f"{self.name} answering on :{self.port}", up, 5)
+        wait_until(f"{self.name} answering on :{self.port}", up, 5)
 
     def kill(self):
         if self.process is not None and self.process.poll() is None:
@@ -119,7 +120,7 @@ class SentinelRedis:
                     return False
             replica = self.replica_port(master_port)
             return "master_link_status:up" in redis_cli(replica, "INFO", "replication")
-        _wait("the sentinels to agree on the master, its replica and each other",
+        wait_until("the sentinels to agree on the master, its replica and each other",
               settled, timeout_s, step_s=0.1)
 
     def replica_port(self, master_port):

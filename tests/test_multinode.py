@@ -12,23 +12,21 @@ and an operator would, with threads for concurrent requests.
 """
 
 import json
-import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import psycopg2
 import pytest
 
 from bench.procs import create_key, free_port, gateway, http_request, log_problems, wait_healthy
-from tests.sentinel_support import SentinelRedis, redis_cli
+from tests.keys_support import private_database
+from tests.sentinel_support import SentinelRedis, redis_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
 MASTER_KEY = "multinode-master-key"
 PERIOD_S = 3600
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
 
 class _Upstream(BaseHTTPRequestHandler):
@@ -56,20 +54,8 @@ def upstream():
 
 @pytest.fixture
 def database():
-    try:
-        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
-    except psycopg2.OperationalError as e:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {e}")
-    admin.autocommit = True
-    name = "apigw_multinode_" + secrets.token_hex(6)
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with private_database("apigw_multinode_") as name:
         yield name
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture
@@ -128,16 +114,6 @@ def call(node, key):
 def readyz(node):
     status, _, body = http_request(node.port, "GET", "/readyz", timeout_s=5)
     return status, json.loads(body)
-
-
-def wait_until(what, check, timeout_s, step_s=0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} within {timeout_s}s"
-        time.sleep(step_s)
 
 
 def _switch_watcher(sentinel_port, seen):
