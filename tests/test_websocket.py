@@ -149,6 +149,9 @@ def test_gauge_counter_and_one_access_record_per_tunnel(gateway):
         return found if len(found) == 2 else None
 
     records = wait_until(tunnel_records, 5)
+    time.sleep(0.3)  # a second record per tunnel would have been written by now
+    assert sorted(r["request_id"] for r in gateway.records() if r["request_id"] in ids) \
+        == sorted(ids)  # one each
     one = records[ids[0]]
     assert one["status"] == 101 and one["path"] == "/ws/echo" and one["consumer"] == "ws-user"
     assert one["duration_ms"] >= 250

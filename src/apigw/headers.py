@@ -119,3 +119,12 @@ def response_header_pairs(raw_headers, status):
         pairs.append((name, value))
         names.add(lower)
     return pairs, names
+
+
+def add_gateway_pairs(pairs, extra_headers, request_id):
+    """What the gateway adds to every relayed head (a response or a 101):
+    its own pairs (rate-limit headers), Via as a field of its own after any
+    upstream Via (the same list, appended: RFC 9110 7.6.3), the request id."""
+    pairs.extend(extra_headers)
+    pairs.append((b"Via", b"1.1 apigw"))
+    pairs.append((b"X-Request-ID", request_id.encode("ascii")))

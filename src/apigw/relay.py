@@ -8,7 +8,7 @@ from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http import NO_BODY_CODES
 from zope.interface import implementer
 
-from apigw.headers import response_header_pairs
+from apigw.headers import add_gateway_pairs, response_header_pairs
 
 log = Logger()
 
@@ -57,10 +57,7 @@ def relay(request, response, extra_headers, date, idle_timeout_s, clock, watchdo
             pairs.append((b"Transfer-Encoding", b"chunked"))
     if b"date" not in names:
         pairs.append((b"Date", date))
-    pairs.extend(extra_headers)
-    # A field of its own after any upstream Via: the same list, appended (RFC 9110 7.6.3).
-    pairs.append((b"Via", b"1.1 apigw"))
-    pairs.append((b"X-Request-ID", request.request_id.encode("ascii")))
+    add_gateway_pairs(pairs, extra_headers, request.request_id)
     done = defer.Deferred()
     response.deliverBody(_Relay(request, (code, response.phrase, pairs, chunked), no_body,
                                 done, clock, idle_timeout_s, watchdog, send_timeout_s))

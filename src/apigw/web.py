@@ -357,7 +357,6 @@ class ServiceRoute(Resource):
         super().__init__()
         self.service = service
         self.settings = settings
-        self.account_label = service.name
 
 
 class GatewayRoot(Resource):

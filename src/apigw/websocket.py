@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from apigw._twisted_compat import start_response
-from apigw.headers import connection_tokens, switching_header_pairs
+from apigw.headers import add_gateway_pairs, connection_tokens, switching_header_pairs
 
 log = Logger()
 
@@ -60,9 +60,7 @@ class Tunnels:
             response.stopProducing()
             return TUNNELED
         pairs = switching_header_pairs(response.raw_headers)
-        pairs.extend(extra_headers)
-        pairs.append((b"Via", b"1.1 apigw"))
-        pairs.append((b"X-Request-ID", request.request_id.encode("ascii")))
+        add_gateway_pairs(pairs, extra_headers, request.request_id)
         # Not request.start_response: nothing twisted.web queued for this
         # request (Connection: close while draining) belongs on a 101.
         start_response(request, 101, response.phrase or b"Switching Protocols",

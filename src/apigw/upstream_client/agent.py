@@ -1,6 +1,6 @@
-"""An IAgent over the pool, for callers that have only a URI: the gateway
-until its pipeline hands the pool parsed targets, and the differential
-tests against twisted.web's Agent."""
+"""An IAgent over the pool, for callers that have only a URI (the bench's
+client micro-benchmark, the tests); the gateway itself hands the pool
+parsed targets."""
 
 from twisted.internet import defer
 from twisted.web.error import SchemeNotSupported
