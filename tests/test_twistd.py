@@ -221,3 +221,30 @@ async def test_sigterm_lets_in_flight_responses_reach_the_clients(tmp_path):
         await upstream_port.stopListening()
         await pool.closeCachedConnections()
     assert code == 0, err
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_sigterm_while_draining_changes_nothing(tmp_path):
+    """When SIGTERM comes twice while a request drains (a process-group kill and systemd's own), the request still gets its answer, nothing logs a traceback, and twistd exits 0."""
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.task import deferLater
+
+    upstream_port = reactor.listenTCP(0, Site(_Slow()), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{upstream_port.getHost().port}"
+    gw = _Gateway(tmp_path, f"services:\n  slow:\n    url: \"{url}\"\n    auth: false\n")
+    try:
+        await _in_thread(gw.wait)
+        in_flight = ensureDeferred(http("GET", gw.base + "/slow/x"))
+        await deferLater(reactor, 0.4, lambda: None)
+        gw.proc.send_signal(signal.SIGTERM)
+        await deferLater(reactor, 0.1, lambda: None)
+        gw.proc.send_signal(signal.SIGTERM)
+        reply = await in_flight
+        assert (reply.code, reply.body) == (200, b"ok")
+        code = await _in_thread(lambda: gw.proc.wait(timeout=15))
+    finally:
+        _, out, err = await _in_thread(gw.stop)
+        await upstream_port.stopListening()
+    assert code == 0, err
+    output = (out + err).decode()
+    assert "Traceback" not in output and "ReactorNotRunning" not in output

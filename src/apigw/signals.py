@@ -45,3 +45,19 @@ def exit_zero_after_sigterm(reactor):
     clear()
     if getattr(reactor, "running", False):
         reactor.addSystemEventTrigger("after", "shutdown", clear)
+
+
+def stop_once_on_sigterm(reactor):
+    """Replace the reactor's SIGTERM handler (installed by now) with one
+    that stops only once: under systemd's control-group kill or a kill of
+    the process group, a gateway gets SIGTERM from the system and again from
+    whoever started it, and a second reactor.stop() while draining would
+    log ReactorNotRunning."""
+    stopping = []
+
+    def handler(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -82,7 +82,11 @@ def makeService(options, reactor=None):
         if options[option] is not None:
             check_endpoint(reactor, option, options[option])
     from apigw.service import GatewayService
+    from apigw.signals import stop_once_on_sigterm
 
+    # twistd installs its SIGTERM handler as the reactor starts; ours
+    # replaces it then.
+    reactor.callWhenRunning(stop_once_on_sigterm, reactor)
     return GatewayService(
         config,
         port=options["port"],

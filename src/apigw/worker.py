@@ -26,6 +26,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from apigw._twisted_compat import adopt_listening_port, listen_on_adopted_unix_socket
+from apigw.signals import stop_once_on_sigterm
 from apigw.tap import Options
 
 log = Logger(namespace="apigw.worker")
@@ -285,22 +286,6 @@ def _watch_parent(reactor, parent_pid):
 _orphaned = threading.Event()
 
 
-def _stop_once_on_sigterm(reactor):
-    """Replace the reactor's SIGTERM handler (installed by now) with one
-    that stops only once: under systemd's control-group kill or a kill of
-    the process group, a worker gets SIGTERM from the system and again from
-    its supervisor, and a second reactor.stop() while draining would log
-    ReactorNotRunning."""
-    stopping = []
-
-    def handler(signum, frame):
-        if not stopping:
-            stopping.append(signum)
-            reactor.callFromThread(reactor.stop)
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv=None):
     parent_pid = os.getppid()  # first thing: the supervisor may die while we start
     options = WorkerOptions()
@@ -317,7 +302,7 @@ def main(argv=None):
     service = _make_service(options, reactor)
     if service is None:
         return 1
-    reactor.callWhenRunning(_stop_once_on_sigterm, reactor)
+    reactor.callWhenRunning(stop_once_on_sigterm, reactor)
     reactor.callWhenRunning(_started, service, options["index"], reactor, parent_pid)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
