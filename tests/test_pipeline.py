@@ -1,70 +1,16 @@
 """The request path in memory: a GatewaySite fed raw bytes over a
 StringTransport, an upstream client the test answers, and a Clock."""
 
-import tempfile
-
-from twisted.internet import defer
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python.failure import Failure
+from twisted.internet.testing import StringTransport
 from twisted.web import resource, server
-from twisted.web.client import ResponseDone
 import pytest
 
 from apigw.body import BytesProducer
-from apigw.config import Environment, parse_config
 from apigw.deadlines import Watchdog
 from apigw.listener import CannotStart, Listener
-from apigw.service import GatewayService
 from apigw.web import GatewayRequest, HttpDate
-
-
-class FakeResponse:
-    """What the upstream client hands back, answered by the test."""
-
-    def __init__(self, code, body=b"", headers=()):
-        self.code = code
-        self.phrase = b"OK" if code == 200 else b"Service Unavailable"
-        self.raw_headers = [(b"Content-Length", b"%d" % len(body)), *headers]
-        self.length = len(body)
-        self._body = body
-
-    def deliverBody(self, protocol):
-        protocol.makeConnection(BytesProducer(b""))
-        if self._body:
-            protocol.dataReceived(self._body)
-        protocol.connectionLost(Failure(ResponseDone()))
-
-
-class FakeClient:
-    """The upstream client contract; each request waits for the test."""
-
-    def __init__(self):
-        self.requests = []
-
-    def request(self, target, method, path, header_pairs, body_producer=None):
-        d = defer.Deferred()
-        self.requests.append((target, method, path, dict(header_pairs), d))
-        return d
-
-    def close_idle(self):
-        return defer.succeed(None)
-
-
-def _service(yaml_text, clock, client, **kwargs):
-    env = Environment(database_url=f"sqlite:///{tempfile.mkdtemp()}/gw.db")
-    config = parse_config(yaml_text, "test.yaml", env)
-    return GatewayService(config, port="tcp:0", reactor=MemoryReactorClock(), clock=clock,
-                         client=client, **kwargs)
-
-
-def _connect(site):
-    channel = site.buildProtocol(IPv4Address("TCP", "10.0.0.7", 50000))
-    transport = StringTransport(hostAddress=IPv4Address("TCP", "10.0.0.1", 8000),
-                                peerAddress=IPv4Address("TCP", "10.0.0.7", 50000))
-    channel.makeConnection(transport)
-    return channel, transport
+from tests.memory_gateway import FakeClient, FakeResponse, connect as _connect, gateway_service as _service
 
 
 def test_retry_waits_the_jittered_backoff_on_the_injected_clock():
@@ -111,6 +57,7 @@ def test_request_carries_no_state_written_by_other_modules():
             made.append(self)
 
     service.site.requestFactory = Recording
+    service.site.fast_lane = False  # twisted.web's lane (apigw.front has its own test)
     channel, transport = _connect(service.site)
     channel.dataReceived(b"GET /svc/x HTTP/1.1\r\nHost: gw\r\n\r\n")
     client.requests[0][4].callback(FakeResponse(200, b"ok"))

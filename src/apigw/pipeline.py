@@ -114,8 +114,9 @@ class Pipeline:
         if waiting is not None:
             _fire(waiting, result)
 
-    def process(self, request):
-        """Entry point for a parsed request (GatewayRequest.process)."""
+    def process(self, request, route=None):
+        """Entry point for a parsed request (GatewayRequest.process, or
+        apigw.front with the `route` the tree already gave it)."""
         early = self._early.pop(request, None)
         if early is not None:
             # The route it was checked on, whatever a reload did meanwhile.
@@ -132,7 +133,7 @@ class Pipeline:
             error_response(request, *refusal)
             return
         # route: the tree decides; a ServiceRoute carries the service.
-        resource = request.site.getResourceFor(request)
+        resource = route if route is not None else request.site.getResourceFor(request)
         service = getattr(resource, "service", None)
         if service is None:
             outcome.service = getattr(resource, "account_label", "unknown")

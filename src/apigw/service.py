@@ -112,6 +112,7 @@ class GatewayService(MultiService):
             self.admin_listener = Listener(admin_port, admin_site, reactor)
             self.admin_listener.setServiceParent(self)
         self.site = self._site(self.root)
+        self.site.fast_lane = True
         self.listener = Listener(port, self.site, reactor)
         self.listener.setServiceParent(self)
 

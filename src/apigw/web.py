@@ -21,6 +21,7 @@ from apigw._twisted_compat import request_line, start_response
 from apigw.channel import ConnectionLimit, GatewayChannel
 from apigw.deadlines import Watchdog
 from apigw.errors import GetOnly, error_response, request_id_for
+from apigw.front import FrontChannel
 
 log = Logger()
 
@@ -212,9 +213,19 @@ class GatewaySite(server.Site):
         self.max_head_bytes = settings.client_max_head_bytes
         self.connections.limit = connection_cap
 
+    # The public listener serves plain proxied requests in apigw.front's
+    # fast lane; the admin listener leaves everything to twisted.web.
+    fast_lane = False
+
     def buildProtocol(self, addr):
         if not self.connections.admit(addr):
             return _Refusal()
+        if self.fast_lane:
+            return FrontChannel(self, addr)
+        return self.classic_channel(addr)
+
+    def classic_channel(self, addr):
+        """twisted.web's channel, with the head limits of this site."""
         channel = super().buildProtocol(addr)
         channel.MAX_LENGTH = self.max_line_bytes
         channel.maxHeaders = self.max_headers

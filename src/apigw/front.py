@@ -1,0 +1,434 @@
+"""The front door's fast lane: plain proxied requests without twisted.web.
+
+Most of what reaches a gateway is a bodyless HTTP/1.1 request for a
+configured service. For those, FrontChannel parses the head with httptools
+(llhttp, in C) and hands a FrontRequest straight to the pipeline, skipping
+twisted.web's line-by-line parser, its Request and its Headers, which cost
+more than the rest of the journey put together.
+
+Anything else is handed, from the first byte of that request on, to
+twisted.web's channel (apigw.channel.GatewayChannel), which keeps the
+connection from then on: the admin API, /metrics and the probes, a 404, a
+request with a body, HTTP/1.0, a WebSocket handshake, Expect, and every
+head the fast lane does not find plainly well-formed, so that refusing a
+malformed or hostile request stays the job of one parser. The resource
+tree still routes: a request takes the fast lane only when the tree sends
+it to a ServiceRoute.
+"""
+
+from urllib.parse import unquote_to_bytes
+
+import httptools
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from apigw.errors import request_id_for
+from apigw.headers import connection_tokens
+
+log = Logger()
+
+_END_OF_HEAD = b"\r\n\r\n"
+# Headers that make a request anything but a plain bodyless exchange.
+_NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+
+
+class FrontHeaders:
+    """A request's headers as the pipeline reads them (the getRawHeaders
+    and getAllRawHeaders of twisted.web's Headers), filled by the parser.
+    Names keep the client's spelling; lookups ignore case."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self):
+        # lower-cased name -> (name as first sent, [values])
+        self._entries = {}
+
+    def add(self, name, value):
+        lower = name.lower()
+        entry = self._entries.get(lower)
+        if entry is None:
+            self._entries[lower] = (name, [value])
+        else:
+            entry[1].append(value)
+
+    def getRawHeaders(self, name, default=None):
+        entry = self._entries.get(name.lower())
+        return default if entry is None else entry[1]
+
+    def hasHeader(self, name):
+        return name.lower() in self._entries
+
+    def has_any(self, lower_names):
+        return not lower_names.isdisjoint(self._entries)
+
+    def getAllRawHeaders(self):
+        return self._entries.values()
+
+    def __len__(self):
+        return sum(len(values) for _, values in self._entries.values())
+
+
+class _HeadParser:
+    """httptools' callbacks for one complete request head."""
+
+    __slots__ = ("url", "headers", "complete")
+
+    def __init__(self):
+        self.url = b""
+        self.headers = FrontHeaders()
+        self.complete = False
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_header(self, name, value):
+        self.headers.add(name, value)
+
+    def on_message_complete(self):
+        self.complete = True
+
+
+@implementer(IHalfCloseableProtocol)
+class FrontChannel(Protocol):
+    """A client connection, served here while its requests are plain ones.
+
+    One request at a time: bytes of the next (pipelined) request wait in
+    the buffer until the current answer is finished, as in twisted.web.
+    """
+
+    _current = None
+    # When the current head began, or None while a request is being
+    # answered or the connection is idle; when it went idle.
+    _head_started = None
+    _idle_since = None
+    _handed_to = None
+    _read_closed = False
+    _reading_paused = False
+    persistent = True
+
+    def __init__(self, site, addr):
+        self.site = site
+        self._addr = addr
+        self._buffer = b""
+
+    def connectionMade(self):
+        site = self.site
+        self._head_started = site.clock.seconds()
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None)
+        self.client_ip = host if host is not None else "unix"
+        self.secure = ISSLTransport(self.transport, None) is not None
+        site.connection_opened(self)
+
+    def dataReceived(self, data):
+        if self._current is not None:
+            # Pipelined: read once the current answer is out. A client that
+            # piles up more than a head's worth is not read meanwhile.
+            self._buffer += data
+            if len(self._buffer) > self.site.max_head_bytes and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pauseProducing()
+            return
+        if self._head_started is None:
+            self._head_started = self.site.clock.seconds()
+            self._idle_since = None
+        self._buffer = self._buffer + data if self._buffer else data
+        self._next()
+
+    def _next(self):
+        """Serve the head at the start of the buffer, if it is all there."""
+        buffer = self._buffer
+        site = self.site
+        end = buffer.find(_END_OF_HEAD)
+        if end < 0:
+            if len(buffer) > site.max_line_bytes or b"\n\n" in buffer:
+                # Maybe a line too long, maybe bare-LF line ends: twisted.web's
+                # parser says which, and how to answer it.
+                self._hand_over()
+            return
+        end += 4
+        head = buffer[:end]
+        request = self._plain_request(head)
+        if request is None:
+            self._hand_over()
+            return
+        self._buffer = buffer[end:]
+        self._head_started = None
+        self._current = request
+        site.pipeline.process(request, request.route)
+
+    def _plain_request(self, head):
+        """A FrontRequest for `head` if the fast lane may serve it, else None."""
+        site = self.site
+        if len(head) > site.max_line_bytes:
+            # A line may be over the limit; the head may be, or hold too many
+            # headers: twisted.web answers those 414 or 431.
+            if len(head) > site.max_head_bytes \
+                    or max(map(len, head.split(b"\r\n"))) > site.max_line_bytes:
+                return None
+        lines = head.count(b"\n")
+        # Only CRLF line ends, no folded (obs-fold) header lines.
+        if head.count(b"\r") != lines or head.count(b"\r\n") != lines \
+                or b"\n " in head or b"\n\t" in head or lines - 2 > site.max_headers:
+            return None
+        fields = _HeadParser()
+        parser = httptools.HttpRequestParser(fields)
+        try:
+            parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # Refusing it (or switching protocols) is twisted.web's call.
+            return None
+        if not fields.complete or parser.get_http_version() != "1.1":
+            return None
+        headers = fields.headers
+        if headers.has_any(_NOT_PLAIN):
+            return None
+        lengths = headers.getRawHeaders(b"content-length")
+        if lengths is not None and lengths != [b"0"]:
+            return None
+        request = FrontRequest(self, parser.get_method(), fields.url, headers)
+        route = site.getResourceFor(request)
+        if getattr(route, "service", None) is None:
+            return None
+        request.route = route
+        if b"close" in connection_tokens(headers.getRawHeaders(b"connection")):
+            self.persistent = False
+        return request
+
+    def _hand_over(self):
+        """twisted.web's channel takes the connection over, from the first
+        byte of the request at hand."""
+        site = self.site
+        channel = site.classic_channel(self._addr)
+        self._handed_to = channel
+        data, self._buffer = self._buffer, b""
+        channel.makeConnection(self.transport)
+        site.connection_closed(self)  # the channel counts itself now
+        # Looked up per call: the channel swaps its own dataReceived (a
+        # WebSocket switch, a rejected request).
+        self.dataReceived = lambda data: channel.dataReceived(data)
+        if self._read_closed:
+            channel.readConnectionLost()
+        if data:
+            channel.dataReceived(data)
+
+    def request_done(self, request):
+        """`request`'s answer is all written: on to the next, if any."""
+        self._current = None
+        if not self.persistent or self.site.draining:
+            self.transport.loseConnection()
+            return
+        self._idle_since = self.site.clock.seconds()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        if self._buffer:
+            self._head_started = self._idle_since
+            self._idle_since = None
+            self._next()
+
+    def check_deadline(self, now):
+        """The site's watchdog asks: a head that takes too long to arrive
+        (however slowly it trickles), an idle keep-alive connection."""
+        site = self.site
+        if self._head_started is not None:
+            if now - self._head_started >= site.header_timeout_s:
+                self._head_started = None
+                log.info("dropping {peer}: request head not complete within {timeout}s",
+                         peer=self.client_ip, timeout=site.header_timeout_s)
+                self.transport.write(
+                    b"HTTP/1.1 408 Request Timeout\r\nServer: apigw\r\nConnection: close\r\n"
+                    b"Content-Length: 0\r\n\r\n")
+                self.transport.loseConnection()
+                self.dataReceived = lambda data: None
+        elif self._idle_since is not None and now - self._idle_since >= site.idle_timeout_s:
+            self._idle_since = None
+            self.transport.loseConnection()
+
+    def readConnectionLost(self):
+        """The client shut down its sending side: answer what it asked,
+        then close."""
+        if self._handed_to is not None:
+            self._handed_to.readConnectionLost()
+            return
+        self._read_closed = True
+        self.persistent = False
+        if self._current is None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        if self._handed_to is not None:
+            self._handed_to.writeConnectionLost()
+            return
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        if self._handed_to is not None:
+            self._handed_to.connectionLost(reason)
+            return
+        self._head_started = self._idle_since = None
+        self.site.connection_closed(self)
+        request, self._current = self._current, None
+        if request is not None:
+            request.connection_lost(reason)
+
+
+class FrontRequest:
+    """One plain request from FrontChannel, with what the pipeline, the
+    relay and the error answers use of twisted.web's Request.
+
+    Slotted: no other module can hang state of its own on it. `site` and
+    `sitepath` are set by the resource tree's routing (Site.getResourceFor).
+    """
+
+    __slots__ = (
+        "channel", "site", "sitepath", "transport", "client_ip", "method", "uri", "path",
+        "requestHeaders", "request_id", "prepath", "postpath", "route", "bytes_sent",
+        "client_gone", "finished", "startedWriting", "chunked", "code", "code_message",
+        "_waiters", "_responseHeaders",
+    )
+
+    clientproto = b"HTTP/1.1"
+    # A plain request has no body: what the pipeline asks of one that has.
+    body_length = 0
+    body_too_large = False
+    content = None
+
+    def __init__(self, channel, method, uri, headers):
+        self.channel = channel
+        self.site = channel.site
+        self.transport = channel.transport
+        self.client_ip = channel.client_ip
+        self.method = method
+        self.uri = uri
+        self.path = path = uri.split(b"?", 1)[0]
+        self.requestHeaders = headers
+        # What the resource tree routes by, as twisted.web prepares them.
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, path[1:].split(b"/")))
+        self.route = None
+        self.bytes_sent = 0
+        self.client_gone = self.finished = self.startedWriting = self.chunked = False
+        self.code = 200
+        self.code_message = b"OK"
+        self._waiters = self._responseHeaders = None
+        self.request_id = request_id_for(self)
+
+    def isSecure(self):
+        return self.channel.secure
+
+    def getClientAddress(self):
+        return self.transport.getPeer()
+
+    @property
+    def responseHeaders(self):
+        # Only the gateway's own answers fill one.
+        if self._responseHeaders is None:
+            self._responseHeaders = Headers()
+        return self._responseHeaders
+
+    def notifyFinish(self):
+        """Fires when the answer is all written; fails if the client goes
+        first."""
+        d = Deferred()
+        if self.finished:
+            d.callback(None)
+        elif self.client_gone:
+            d.errback(Failure(ConnectionError("the client closed the connection")))
+        else:
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(d)
+        return d
+
+    def add_own_headers(self):
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"server", [b"apigw"])
+        headers.setRawHeaders(b"date", [self.site.date.now()])
+
+    def setResponseCode(self, code, message=None):
+        self.code = code
+        self.code_message = message if message is not None else RESPONSES.get(code, b"Unknown")
+
+    def start_response(self, code, phrase, pairs, chunked):
+        """The status line and headers of a proxied answer, pre-encoded."""
+        self.code = code
+        self.code_message = phrase
+        self.startedWriting = True
+        self.chunked = chunked
+        lines = [b"HTTP/1.1 %d %s\r\n" % (code, phrase)]
+        lines += [name + b": " + value + b"\r\n" for name, value in pairs]
+        if not self.channel.persistent or self.site.draining:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        self.transport.writeSequence(lines)
+
+    def _write_own_head(self):
+        # An answer of the gateway's own (error_response): from responseHeaders.
+        headers = self.responseHeaders
+        if not self.channel.persistent or self.site.draining:
+            headers.setRawHeaders(b"connection", [b"close"])
+        if not headers.hasHeader(b"content-length"):
+            self.chunked = True
+            headers.setRawHeaders(b"transfer-encoding", [b"chunked"])
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.code, self.code_message)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"\r\n")
+        self.startedWriting = True
+        self.transport.writeSequence(lines)
+
+    def write(self, data):
+        if self.finished or self.client_gone:
+            return
+        if not self.startedWriting:
+            self._write_own_head()
+        if self.method == b"HEAD" or not data:
+            return
+        self.bytes_sent += len(data)
+        if self.chunked:
+            self.transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            self.transport.write(data)
+
+    def registerProducer(self, producer, streaming):
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self):
+        self.transport.unregisterProducer()
+
+    def finish(self):
+        if self.finished or self.client_gone:
+            return
+        if not self.startedWriting:
+            self._write_own_head()
+        if self.chunked and self.method != b"HEAD":
+            self.transport.write(b"0\r\n\r\n")
+        self.finished = True
+        waiters, self._waiters = self._waiters, None
+        if waiters:
+            for d in waiters:
+                d.callback(None)
+        # After the waiters: this answer is accounted for before the next
+        # pipelined request, if any, begins.
+        self.channel.request_done(self)
+
+    def loseConnection(self):
+        """End the connection without finishing the answer (a body cut
+        short): the client sees it truncated."""
+        self.channel.persistent = False
+        self.transport.loseConnection()
+
+    def connection_lost(self, reason):
+        self.client_gone = True
+        waiters, self._waiters = self._waiters, None
+        if waiters:
+            for d in waiters:
+                d.errback(reason)
