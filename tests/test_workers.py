@@ -281,6 +281,10 @@ async def test_killed_worker_is_restarted_and_totals_survive(tmp_path, upstream,
     with paused(second):
         for _ in range(2):
             assert (await http("GET", gw.base + "/svc/x")).code == 200
+        # A worker counts a request just after its answer is sent: the kill
+        # must come once the counts are in, or it would test that race.
+        text = (await http("GET", gw.base + "/metrics")).body.decode()
+    assert total(text, 'gateway_requests_total{method="GET",service="svc",status="200"}') == 2
     os.kill(first, signal.SIGKILL)
     for _ in range(5):
         assert (await http("GET", gw.base + "/svc/x")).code == 200

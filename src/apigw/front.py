@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from apigw.errors import request_id_for
 from apigw.headers import connection_tokens
+from apigw.sendnow import SendNow
 
 log = Logger()
 
@@ -124,6 +125,12 @@ class FrontChannel(Protocol):
         host = getattr(peer, "host", None)
         self.client_ip = host if host is not None else "unix"
         self.secure = ISSLTransport(self.transport, None) is not None
+        self.out = SendNow(self.transport)
+        # Answers go out whole in one send; a chunked body's last chunk may
+        # follow alone, and must not wait for the client's delayed ACK.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         site.connection_opened(self)
 
     def dataReceived(self, data):
@@ -208,6 +215,7 @@ class FrontChannel(Protocol):
         channel = site.classic_channel(self._addr)
         self._handed_to = channel
         data, self._buffer = self._buffer, b""
+        self.out.through_transport()
         channel.makeConnection(self.transport)
         site.connection_closed(self)  # the channel counts itself now
         # Looked up per call: the channel swaps its own dataReceived (a
@@ -356,8 +364,9 @@ class FrontRequest:
         self.code = code
         self.code_message = message if message is not None else RESPONSES.get(code, b"Unknown")
 
-    def start_response(self, code, phrase, pairs, chunked):
-        """The status line and headers of a proxied answer, pre-encoded."""
+    def start_response(self, code, phrase, pairs, chunked, body=b""):
+        """The status line and headers of a proxied answer, pre-encoded,
+        with the first `body` bytes if they are at hand: one send."""
         self.code = code
         self.code_message = phrase
         self.startedWriting = True
@@ -367,9 +376,12 @@ class FrontRequest:
         if not self.channel.persistent or self.site.draining:
             lines.append(b"Connection: close\r\n")
         lines.append(b"\r\n")
-        self.transport.writeSequence(lines)
+        if body and self.method != b"HEAD":
+            self.bytes_sent += len(body)
+            lines.append(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
+        self.channel.out.write(b"".join(lines))
 
-    def _write_own_head(self):
+    def _own_head(self):
         # An answer of the gateway's own (error_response): from responseHeaders.
         headers = self.responseHeaders
         if not self.channel.persistent or self.site.draining:
@@ -383,20 +395,20 @@ class FrontRequest:
                 lines.append(name + b": " + value + b"\r\n")
         lines.append(b"\r\n")
         self.startedWriting = True
-        self.transport.writeSequence(lines)
+        return b"".join(lines)
 
     def write(self, data):
         if self.finished or self.client_gone:
             return
-        if not self.startedWriting:
-            self._write_own_head()
-        if self.method == b"HEAD" or not data:
-            return
-        self.bytes_sent += len(data)
-        if self.chunked:
-            self.transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        head = b"" if self.startedWriting else self._own_head()
+        if data and self.method != b"HEAD":
+            self.bytes_sent += len(data)
+            if self.chunked:
+                data = b"%x\r\n%s\r\n" % (len(data), data)
         else:
-            self.transport.write(data)
+            data = b""
+        if head or data:
+            self.channel.out.write(head + data if head else data)
 
     def registerProducer(self, producer, streaming):
         self.transport.registerProducer(producer, streaming)
@@ -407,10 +419,11 @@ class FrontRequest:
     def finish(self):
         if self.finished or self.client_gone:
             return
-        if not self.startedWriting:
-            self._write_own_head()
+        head = b"" if self.startedWriting else self._own_head()
         if self.chunked and self.method != b"HEAD":
-            self.transport.write(b"0\r\n\r\n")
+            head += b"0\r\n\r\n"
+        if head:
+            self.channel.out.write(head)
         self.finished = True
         waiters, self._waiters = self._waiters, None
         if waiters:

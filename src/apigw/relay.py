@@ -146,10 +146,13 @@ class _Relay(Protocol):
         request = self._request
         if request.client_gone:
             return
-        if self._head is not None:
-            self._write_head()
         if self._deadline is not None:
             self._deadline = self._clock.seconds() + self._idle_timeout_s
+        if self._head is not None:
+            # The head and the first bytes of the body in one write.
+            head, self._head = self._head, None
+            request.start_response(*head, data)
+            return
         request.write(data)
 
     def connectionLost(self, reason):

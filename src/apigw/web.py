@@ -125,7 +125,7 @@ class GatewayRequest(server.Request):
         headers.setRawHeaders(b"server", [SERVER])
         headers.setRawHeaders(b"date", [self.channel.site.date.now()])
 
-    def start_response(self, code, phrase, pairs, chunked):
+    def start_response(self, code, phrase, pairs, chunked, body=b""):
         """Send the status line and headers from byte pairs, for a proxied
         answer: no Headers object is filled and serialised again. Headers
         twisted.web already set for this request (Connection: close) join
@@ -140,6 +140,8 @@ class GatewayRequest(server.Request):
             for value in values:
                 lines.append(name + b": " + value + b"\r\n")
         start_response(self, code, phrase, lines, chunked)
+        if body:
+            self.write(body)
 
     def _close_after(self):
         # Draining: this connection closes after this response, so the

@@ -47,6 +47,7 @@ from twisted.web.client import (
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
+from apigw.sendnow import SendNow
 from apigw.upstream_client.response import UpstreamResponse
 
 __all__ = [
@@ -165,6 +166,8 @@ class UpstreamConnection(Protocol):
         if set_no_delay is not None:
             set_no_delay(True)
         self._sock = _raw_socket(self.transport)
+        # Every byte of a request goes through it, so their order holds.
+        self._out = SendNow(self.transport)
 
     # What the owner calls.
 
@@ -209,10 +212,10 @@ class UpstreamConnection(Protocol):
         producer = request.producer
         if producer is None:
             self.state = WAITING
-            self.transport.write(head)
+            self._out.write(head)
             return
         self.state = TRANSMITTING
-        self.transport.write(head)
+        self._out.write(head)
         try:
             d = producer.startProducing(self)
         except Exception:
@@ -363,7 +366,7 @@ class UpstreamConnection(Protocol):
         left = self._body_left
         if left is None:
             if data:
-                self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+                self._out.write(b"%x\r\n%s\r\n" % (len(data), data))
             return
         left -= len(data)
         self._body_left = left
@@ -371,7 +374,7 @@ class UpstreamConnection(Protocol):
             self._abort(Failure(RequestGenerationFailed(
                 [Failure(WrongBodyLength("body producer wrote more than its length"))])))
             return
-        self.transport.write(data)
+        self._out.write(data)
 
     def registerProducer(self, producer, streaming):
         pass  # send() registers the body producer with the socket itself
@@ -387,7 +390,7 @@ class UpstreamConnection(Protocol):
         self._stop_sending(stop_producer=False)
         self.state = WAITING if state is TRANSMITTING else RECEIVING
         if self._body_left is None:
-            self.transport.write(b"0\r\n\r\n")
+            self._out.write(b"0\r\n\r\n")
         elif self._body_left:
             self._abort(Failure(RequestGenerationFailed(
                 [Failure(WrongBodyLength("body producer wrote less than its length"))])))
