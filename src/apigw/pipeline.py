@@ -14,6 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from apigw.coroutine import Run
 from apigw.deadlines import Watchdog
 from apigw.errors import GatewayError, error_response
 from apigw.keys import AuthFailure, KeyStoreUnavailable
@@ -144,11 +145,12 @@ class Pipeline:
         self._start_journey(request, resource, outcome)
 
     def _start_journey(self, request, route, outcome, early=None):
-        d = Deferred.fromCoroutine(self._journey(request, route, outcome, early))
+        run = Run(self._journey(request, route, outcome, early),
+                  lambda result: self._journey_ended(result, request, outcome))
         if early is not None:
-            early.journey = d
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addBoth(self._journey_ended, request, outcome)
+            early.journey = run
+        request.notifyFinish().addErrback(lambda _: run.cancel())
+        run.start()
 
     async def _journey(self, request, route, outcome, early=None):
         if early is None:
