@@ -37,8 +37,10 @@ class FakeClient:
 
     def __init__(self):
         self.requests = []
+        self.bodies = []  # each request's body, None for none at all
 
     def request(self, target, method, path, header_pairs, body_producer=None):
+        self.bodies.append(_body_of(body_producer))
         d = defer.Deferred()
         self.requests.append((target, method, path, dict(header_pairs), d))
         return d
@@ -60,3 +62,22 @@ def connect(site):
                                 peerAddress=IPv4Address("TCP", "10.0.0.7", 50000))
     channel.makeConnection(transport)
     return channel, transport
+
+
+class _Collect:
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data):
+        self.data += data
+
+
+def _body_of(producer):
+    """The bytes a small-body producer writes (its length for another)."""
+    if producer is None:
+        return None
+    if isinstance(producer, BytesProducer):
+        collect = _Collect()
+        producer.startProducing(collect)
+        return collect.data
+    return producer.length

@@ -46,6 +46,16 @@ def test_plain_requests_take_the_fast_lane_on_one_kept_connection():
         [("/svc/a?q=1", 200, 5), ("/svc/b", 200, 5)]
 
 
+def test_an_empty_body_declared_with_content_length_0_is_proxied_with_it():
+    """When a plain POST says Content-Length: 0, it is proxied on the fast lane with an empty body of declared length."""
+    clock, client, records, channel, transport = _gateway()
+    channel.dataReceived(b"POST /svc/p HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n")
+    [(_, method, _, _, _)] = client.requests
+    assert method == b"POST" and client.bodies == [b""]
+    _answer(client, 0)
+    assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
+
+
 def test_pipelined_requests_are_answered_one_at_a_time_in_order():
     """When a client pipelines two requests in one write, the second goes upstream only once the first is answered, and the answers come back in order."""
     clock, client, records, channel, transport = _gateway()

@@ -16,6 +16,7 @@ tree still routes: a request takes the fast lane only when the tree sends
 it to a ServiceRoute.
 """
 
+from io import BytesIO
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -306,7 +307,12 @@ class FrontRequest:
     # A plain request has no body: what the pipeline asks of one that has.
     body_length = 0
     body_too_large = False
-    content = None
+
+    @property
+    def content(self):
+        # Read only for one that says Content-Length: 0, which is forwarded
+        # as an empty body of that length.
+        return BytesIO()
 
     def __init__(self, channel, method, uri, headers):
         self.channel = channel
