@@ -2,6 +2,8 @@
 it serves itself, which it leaves to twisted.web, and that a connection
 behaves the same either way."""
 
+import re
+
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
@@ -208,3 +210,59 @@ def test_the_fast_lanes_request_holds_only_its_own_fields():
     assert type(request) is FrontRequest and not hasattr(request, "__dict__")
     with pytest.raises(AttributeError):
         request.consumer = "anything"
+
+
+HEADS = [
+    b"GET /svc/a/b?x=1&y=%2F HTTP/1.1\r\nHost: gw\r\nAccept: */*\r\n\r\n",
+    b"HEAD /svc/h HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"DELETE /svc/d HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"OPTIONS /svc/o HTTP/1.1\r\nHost: gw\r\nOrigin: https://x\r\n\r\n",
+    b"GET /svc HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"GET /svc/../admin/keys HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"GET /svc/%2e%2e/x HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX-Request-ID: keep-me.1\r\n\r\n",
+    b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX-Request-ID: not ok!\r\n\r\n",
+    b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX-Forwarded-For: 1.2.3.4\r\nForwarded: for=x\r\n\r\n",
+    b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nConnection: x-hop\r\nX-Hop: 1\r\nX-Keep: 2\r\n\r\n",
+    b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX_Consumer_ID: forged\r\nX-Consumer-ID: forged\r\n\r\n",
+    b"GET /svc/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /svc/x HTTP/1.1\r\nHost: a, b\r\n\r\n",
+    b"GET /svc/x HTTP/1.1\r\n\r\n",
+    b"TRACE /svc/x HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"GET /svc/x#frag HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret\r\nProxy-Authorization: x\r\n\r\n",
+    b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nTE: trailers\r\nKeep-Alive: 5\r\n\r\n",
+]
+
+
+def _normalised(answer):
+    head, _, body = answer.partition(b"\r\n\r\n")
+    body = re.sub(rb'"request_id": "[0-9a-f]{32}"', b'"request_id": "*"', body)
+    status, *lines = head.split(b"\r\n")
+    fields = sorted((name.lower(), b"*" if name.lower() in (b"date", b"x-request-id") else value)
+                    for name, _, value in (line.partition(b": ") for line in lines))
+    return status, fields, body
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_both_lanes_send_the_same_upstream_and_give_the_same_answer(head):
+    """When the same plain request goes through the fast lane and through twisted.web's, the upstream gets the same request and the client the same answer (header case and the generated id aside)."""
+    seen = []
+    for fast in (True, False):
+        clock, client, records = Clock(), FakeClient(), []
+        service = gateway_service(YAML, clock, client)
+        service.access_log.record = records.append
+        service.site.fast_lane = fast
+        channel, transport = connect(service.site)
+        channel.dataReceived(head)
+        if client.requests:
+            # An upstream sends no body to a HEAD.
+            body = b"" if head.startswith(b"HEAD") else b"hello"
+            client.requests[0][4].callback(FakeResponse(200, body, [(b"X-Up", b"1")]))
+        upstream = [(method, path, sorted((n.lower(), b"*" if n.lower() == b"x-request-id"
+                                           and b"keep-me" not in v else v)
+                                          for n, v in headers.items()))
+                    for _, method, path, headers, _ in client.requests]
+        record = {k: v for k, v in records[0].items() if k not in ("request_id", "latency_ms")}
+        seen.append((upstream, _normalised(transport.value()), record))
+    assert seen[0] == seen[1]
