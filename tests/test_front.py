@@ -80,6 +80,8 @@ def test_pipelined_requests_are_answered_one_at_a_time_in_order():
     (b"GET /svc/old HTTP/1.0\r\nHost: gw\r\n\r\n", b"HTTP/1.0 200 OK"),
     (b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n", b'{"status": "ok"}'),
     (b"GET /nowhere HTTP/1.1\r\nHost: gw\r\n\r\n", b"HTTP/1.1 404 "),
+    (b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n", b"# TYPE gateway_requests_total counter"),
+    (b"GET /admin/keys HTTP/1.1\r\nHost: gw\r\n\r\n", b"HTTP/1.1 403 "),
     # Malformed: refusing it is twisted.web's parser's job.
     (b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nBad Name: v\r\n\r\n", b"HTTP/1.1 400 "),
     (b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX\x00: v\r\n\r\n", b"HTTP/1.1 400 "),

@@ -201,7 +201,12 @@ class FrontChannel(Protocol):
         if lengths is not None and lengths != [b"0"]:
             return None
         request = FrontRequest(self, parser.get_method(), fields.url, headers)
-        route = site.getResourceFor(request)
+        try:
+            route = site.getResourceFor(request)
+        except Exception:
+            # A resource that wants more of a request than this one has: it
+            # is not a service's, so twisted.web's request serves it.
+            return None
         if getattr(route, "service", None) is None:
             return None
         request.route = route
