@@ -230,6 +230,7 @@ class RedisLimiter:
         # Connection -> when its first unanswered timeout happened: a silent
         # partition leaves the socket open for ever unless we close it.
         self._silent_since = weakref.WeakKeyDictionary()
+        self._commands = {}  # see _command()
         self.outage = OutageLog(
             redis_url.describe(), clock, self.log,
             consequence="requests get the rate_limit_failure policy until it answers")
@@ -324,23 +325,41 @@ class RedisLimiter:
 
         A plain callback chain straight onto a connected protocol: this runs
         once per request, and txredisapi's handler adds a generator and a
-        DeferredQueue round per command on top of the one round trip.
+        DeferredQueue round per command on top of the one round trip, and
+        its execute_command() encodes the same command afresh each time.
         """
-        algorithm = _checked(algorithm or self._algorithm)
+        command = self._commands.get((bucket, limit, period_s, algorithm))
+        if command is None:
+            command = self._command(bucket, limit, period_s, algorithm)
         try:
             redis = self._connection()
         except LimiterUnavailable:
             return defer.fail()
-        # Bytes throughout: txredisapi passes them through as they are.
-        args = (b"%d" % limit, b"%d" % _period_ms(period_s),
-                b"1" if algorithm == "sliding_window" else b"0")
-        key = (self._prefix + bucket).encode("utf-8")
-        d = redis.execute_command(b"EVALSHA", _LUA_CHECK_SHA_BYTES, b"1", key, *args)
-        d.addErrback(self._load_script, redis, key, args)
+        d = _send_encoded(redis, command[0])
+        d.addErrback(self._load_script, redis, command[1], command[2])
         _add_patient_timeout(d, self._timeout_s, self._clock)
         d.addCallbacks(self._answered, self._unavailable,
                        callbackArgs=(limit, redis), errbackArgs=(redis,))
         return d
+
+    # A bucket sends the same EVALSHA request after request: its encoding
+    # is kept rather than built again by txredisapi every time.
+    max_cached_commands = 10000
+
+    def _command(self, bucket, limit, period_s, algorithm):
+        """(the encoded EVALSHA, its key, its arguments), remembered."""
+        sliding = _checked(algorithm or self._algorithm) == "sliding_window"
+        # Bytes throughout: txredisapi passes them through as they are.
+        args = (b"%d" % limit, b"%d" % _period_ms(period_s), b"1" if sliding else b"0")
+        key = (self._prefix + bucket).encode("utf-8")
+        command = (_encode_command((b"EVALSHA", _LUA_CHECK_SHA_BYTES, b"1", key, *args)),
+                   key, args)
+        if len(self._commands) >= self.max_cached_commands:
+            self._commands.clear()
+        # Keyed by what the caller passed: `algorithm` None means this
+        # limiter's default, which never changes.
+        self._commands[(bucket, limit, period_s, algorithm)] = command
+        return command
 
     # A connection whose commands have all timed out for this long is
     # closed, so that txredisapi connects afresh.
@@ -540,6 +559,32 @@ def _add_patient_timeout(d, timeout_s, clock):
 
     d.addBoth(done)
     return d
+
+
+def _encode_command(args):
+    """A Redis command in RESP, as txredisapi's execute_command() writes
+    it for the same (bytes) arguments."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+def _send_encoded(redis, command):
+    """Send an already encoded command on a connected txredisapi protocol:
+    a Deferred of its reply, failing with the ResponseError of an error reply.
+
+    What execute_command() does without pipelining, MULTI or a reply
+    timeout (the limiter uses none), minus encoding the command again and
+    the second Deferred it puts in front of the reply. Relies on
+    txredisapi's protocol writing each command to `transport` and
+    answering them in order from `replyQueue` (a DeferredQueue whose get()
+    may be cancelled without shifting the replies of later commands), and
+    on `handle_reply` raising error replies; tests/test_ratelimit.py pins
+    that.
+    """
+    redis.transport.write(command)
+    return redis.replyQueue.get().addCallback(redis.handle_reply)
 
 
 def _to_decision(reply, limit):
