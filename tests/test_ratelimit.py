@@ -521,3 +521,32 @@ def test_encoded_commands_get_their_own_replies_in_order():
     assert results[2][0].check(txredisapi.ResponseError)
     assert str(results[2][0].value).startswith("NOSCRIPT")
     assert results[3] == ["ok"]
+
+
+def test_limiter_timeouts_on_one_timer_each_fire_at_their_own_deadline():
+    """When several calls share the limiter's deadline timer, each unanswered one times out one turn after its own deadline, answered ones never do, and no timer is left once none is under way."""
+    from twisted.internet.defer import Deferred, TimeoutError
+
+    from apigw.ratelimit import _PatientDeadlines
+
+    clock = _TurnClock()
+    deadlines = _PatientDeadlines(0.1, clock)
+    first, answered, second = Deferred(), Deferred(), Deferred()
+    results = {d: [] for d in (first, answered, second)}
+    for d in (first, answered):
+        deadlines.add(d).addBoth(results[d].append)
+    clock.timers.advance(0.05)
+    deadlines.add(second).addBoth(results[second].append)
+    answered.callback("answer")
+    clock.timers.advance(0.05)
+    assert results[first] == []  # the deadline waits one more turn
+    clock.turns.advance(0)
+    assert results[first][0].check(TimeoutError) and results[second] == []
+    clock.timers.advance(0.049)
+    clock.turns.advance(0)
+    assert results[second] == []
+    clock.timers.advance(0.001)
+    clock.turns.advance(0)
+    assert results[second][0].check(TimeoutError)
+    assert results[answered] == ["answer"]
+    assert clock.timers.getDelayedCalls() == [] and clock.turns.getDelayedCalls() == []
