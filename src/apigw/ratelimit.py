@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from apigw._twisted_compat import write_at_once
 from apigw.config import SentinelRedisURL
 from apigw.errors import GatewayError
 from apigw.outage import OutageLog
@@ -614,13 +615,14 @@ def _send_encoded(redis, command):
     What execute_command() does without pipelining, MULTI or a reply
     timeout (the limiter uses none), minus encoding the command again and
     the second Deferred it puts in front of the reply. Relies on
-    txredisapi's protocol writing each command to `transport` and
+    txredisapi's protocol writing each command to `transport` (sent at
+    once here: apigw._twisted_compat.write_at_once) and
     answering them in order from `replyQueue` (a DeferredQueue whose get()
     may be cancelled without shifting the replies of later commands), and
     on `handle_reply` raising error replies; tests/test_ratelimit.py pins
     that.
     """
-    redis.transport.write(command)
+    write_at_once(redis.transport, command)
     return redis.replyQueue.get().addCallback(redis.handle_reply)
 
 
