@@ -53,21 +53,39 @@ def bucket_for(service_name, consumer_id, client_ip):
 
 def rate_limit_headers(decision, period_s):
     """Both header families (IETF draft and GitHub style), same values."""
-    limit = b"%d" % decision.limit
+    fixed = _FIXED_HEADERS.get((decision.limit, period_s))
+    if fixed is None:
+        fixed = _fixed_headers(decision.limit, period_s)
     remaining = b"%d" % decision.remaining
     reset = b"%d" % decision.reset_s
     headers = [
-        (b"RateLimit-Limit", limit),
+        fixed[0],
         (b"RateLimit-Remaining", remaining),
         (b"RateLimit-Reset", reset),
-        (b"RateLimit-Policy", b"%d;w=%d" % (decision.limit, max(1, round(period_s)))),
-        (b"X-RateLimit-Limit", limit),
+        fixed[1],
+        fixed[2],
         (b"X-RateLimit-Remaining", remaining),
         (b"X-RateLimit-Reset", reset),
     ]
     if not decision.allowed:
         headers.append((b"Retry-After", b"%d" % decision.retry_after_s))
     return headers
+
+
+# (limit, period) -> the header pairs that depend on nothing else, made
+# once: a service has one limit, and keys with their own are few.
+_FIXED_HEADERS = {}
+
+
+def _fixed_headers(limit, period_s):
+    encoded = b"%d" % limit
+    fixed = ((b"RateLimit-Limit", encoded),
+             (b"RateLimit-Policy", b"%d;w=%d" % (limit, max(1, round(period_s)))),
+             (b"X-RateLimit-Limit", encoded))
+    if len(_FIXED_HEADERS) >= 1000:
+        _FIXED_HEADERS.clear()
+    _FIXED_HEADERS[(limit, period_s)] = fixed
+    return fixed
 
 
 def _checked(algorithm):
@@ -81,13 +99,17 @@ def _period_ms(period_s):
 
 
 def _decision(limit, allowed, remaining, reset_ms, retry_ms):
-    return Decision(
-        allowed=bool(allowed),
-        limit=limit,
-        remaining=max(0, int(remaining)),
-        reset_s=max(1, math.ceil(reset_ms / 1000)),
-        retry_after_s=0 if allowed else max(1, math.ceil(retry_ms / 1000)),
-    )
+    # Once per request: positional, and conditionals rather than max().
+    remaining = int(remaining)
+    reset_s = math.ceil(reset_ms / 1000)
+    if allowed:
+        retry_s = 0
+    else:
+        retry_s = math.ceil(retry_ms / 1000)
+        if retry_s < 1:
+            retry_s = 1
+    return Decision(True if allowed else False, limit, remaining if remaining > 0 else 0,
+                    reset_s if reset_s > 1 else 1, retry_s)
 
 
 def decide(state, now_ms, limit, period_ms, sliding):
@@ -231,6 +253,9 @@ class RedisLimiter:
         # Connection -> when its first unanswered timeout happened: a silent
         # partition leaves the socket open for ever unless we close it.
         self._silent_since = weakref.WeakKeyDictionary()
+        # Whether _silent_since may hold anything: asking the weak dictionary
+        # itself (a Python __len__) on every answer costs more than this.
+        self._maybe_silent = False
         self._commands = {}  # see _command()
         self._deadlines = _PatientDeadlines(timeout_s, clock)
         self.outage = OutageLog(
@@ -368,13 +393,16 @@ class RedisLimiter:
     silent_abort_s = 2.0
 
     def _answered(self, reply, limit, redis):
-        if self._silent_since:
+        if self._maybe_silent:
             self._silent_since.pop(redis, None)
-        return _to_decision(reply, limit)
+            self._maybe_silent = len(self._silent_since) > 0
+        allowed, remaining, reset_ms, retry_ms = reply
+        return _decision(limit, allowed, remaining, reset_ms, retry_ms)
 
     def _timed_out(self, redis):
         now = self._clock.seconds()
         since = self._silent_since.setdefault(redis, now)
+        self._maybe_silent = True
         if now - since >= self.silent_abort_s:
             del self._silent_since[redis]
             log.warn("Redis connection silent for {seconds}s; closing it to connect afresh",
@@ -626,11 +654,6 @@ def _send_encoded(redis, command):
     return redis.replyQueue.get().addCallback(redis.handle_reply)
 
 
-def _to_decision(reply, limit):
-    allowed, remaining, reset_ms, retry_ms = reply
-    return _decision(limit, allowed, remaining, reset_ms, retry_ms)
-
-
 def make_limiter(config, clock, reactor=None):
     """Redis when REDIS_URL is set (shared by every process), else in process."""
     algorithm = config.settings.rate_limit_algorithm
@@ -693,7 +716,8 @@ class RateLimiting:
             if closed:
                 raise GatewayError(503, "the rate limiter is unavailable; try again later")
             return ()
-        self._recovered()
+        if self._failing:
+            self._recovered()
         headers = rate_limit_headers(decision, period_s)
         if not decision.allowed:
             self._metrics.rate_limited.labels(service.name).inc()
