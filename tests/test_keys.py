@@ -277,6 +277,18 @@ async def test_missing_and_malformed_keys_cost_nothing(store, clock):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_key_sent_as_bytes_or_text_is_one_cache_entry(store, clock):
+    """When the same key comes as header bytes and as text, one lookup serves both, either way round."""
+    for first, second in ((bytes, str), (str, bytes)):
+        record, raw = await store.create_key("grace")
+        auth, counting = make_authenticator(store, clock, cache_ttl_s=1000)
+        forms = {bytes: raw.encode("ascii"), str: raw}
+        assert (await auth.authenticate(forms[first])).id == record.id
+        assert (await auth.authenticate(forms[second])).id == record.id
+        assert counting.lookups == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_expiry_is_checked_on_every_cache_hit(store, clock):
     """When a cached key passes its expiry, the next request is refused as expired."""
     _, raw = await store.create_key("frank", expires_in_s=60)

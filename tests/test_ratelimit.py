@@ -476,3 +476,77 @@ def test_limiter_timeout_fires_when_no_answer_came():
     clock.timers.advance(0.1)
     clock.turns.advance(0)
     assert len(results) == 1 and results[0].check(TimeoutError)
+
+
+# --- what the Redis limiter relies on in txredisapi ---------------------------------
+
+def _redis_protocol():
+    import txredisapi
+    from twisted.internet.testing import StringTransport
+
+    protocol = txredisapi.RedisProtocol()
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_encoded_command_is_what_txredisapi_writes():
+    """When the limiter encodes its EVALSHA itself, the bytes are those txredisapi's execute_command writes for the same arguments."""
+    from apigw.ratelimit import _LUA_CHECK_SHA_BYTES, _encode_command
+
+    args = (b"EVALSHA", _LUA_CHECK_SHA_BYTES, b"1", "apigw:rl:s:k:\u00e9".encode(),
+            b"2000000000", b"60000", b"1")
+    protocol, transport = _redis_protocol()
+    protocol.execute_command(*args)
+    assert _encode_command(args) == transport.value()
+
+
+def test_encoded_commands_get_their_own_replies_in_order():
+    """When encoded commands are sent straight onto a txredisapi protocol, each gets its own reply in order, an error reply fails as ResponseError, and a cancelled one does not shift the replies of the next."""
+    import txredisapi
+
+    from apigw.ratelimit import _encode_command, _send_encoded
+
+    protocol, transport = _redis_protocol()
+    ping = _encode_command((b"PING",))
+    results = [[] for _ in range(4)]
+    sent = [_send_encoded(protocol, ping) for _ in results]
+    for d, got in zip(sent, results):
+        d.addBoth(got.append)
+    assert transport.value() == ping * 4
+    sent[1].cancel()
+    assert results[1][0].check(defer.CancelledError)
+    protocol.dataReceived(b"*2\r\n:1\r\n:2\r\n+late\r\n-NOSCRIPT No matching script\r\n$2\r\nok\r\n")
+    assert results[0] == [[1, 2]]
+    assert results[2][0].check(txredisapi.ResponseError)
+    assert str(results[2][0].value).startswith("NOSCRIPT")
+    assert results[3] == ["ok"]
+
+
+def test_limiter_timeouts_on_one_timer_each_fire_at_their_own_deadline():
+    """When several calls share the limiter's deadline timer, each unanswered one times out one turn after its own deadline, answered ones never do, and no timer is left once none is under way."""
+    from twisted.internet.defer import Deferred, TimeoutError
+
+    from apigw.ratelimit import _PatientDeadlines
+
+    clock = _TurnClock()
+    deadlines = _PatientDeadlines(0.1, clock)
+    first, answered, second = Deferred(), Deferred(), Deferred()
+    results = {d: [] for d in (first, answered, second)}
+    for d in (first, answered):
+        deadlines.add(d).addBoth(results[d].append)
+    clock.timers.advance(0.05)
+    deadlines.add(second).addBoth(results[second].append)
+    answered.callback("answer")
+    clock.timers.advance(0.05)
+    assert results[first] == []  # the deadline waits one more turn
+    clock.turns.advance(0)
+    assert results[first][0].check(TimeoutError) and results[second] == []
+    clock.timers.advance(0.049)
+    clock.turns.advance(0)
+    assert results[second] == []
+    clock.timers.advance(0.001)
+    clock.turns.advance(0)
+    assert results[second][0].check(TimeoutError)
+    assert results[answered] == ["answer"]
+    assert clock.timers.getDelayedCalls() == [] and clock.turns.getDelayedCalls() == []

@@ -14,13 +14,13 @@ from twisted.application import app
 from twisted.internet import protocol, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.base import ReactorBase
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.scripts.twistd import ServerOptions
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from apigw._twisted_compat import (
-    clear_exit_signal, request_line, start_response, take_unread_bytes,
+    clear_exit_signal, request_line, start_response, take_unread_bytes, write_at_once,
 )
 from apigw.worker import InheritedSocketEndpoint, _InheritedTCPPort, _InheritedUNIXPort
 
@@ -272,3 +272,69 @@ def test_take_unread_bytes_gets_what_arrived_while_a_request_was_handled():
     assert len(resource.requests) == 1
     assert take_unread_bytes(channel) == b"\x81\x02hi\x81\x03you"
     assert take_unread_bytes(channel) == b""
+
+
+# --- write_at_once ---------------------------------------------------------------
+
+def _connected_tcp():
+    """A tcp.Connection over one end of a socket pair (the other end returned),
+    on a reactor that only records which descriptors want to write."""
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(5)
+    reactor = MemoryReactor()
+    transport = tcp.Connection(ours, protocol.Protocol(), reactor)
+    transport.connected = 1
+    return transport, theirs, reactor
+
+
+def _received(peer, size):
+    data = b""
+    while len(data) < size:
+        data += peer.recv(size - len(data))
+    return data
+
+
+def test_write_at_once_sends_on_an_idle_connection_and_queues_behind_waiting_bytes():
+    """When nothing waits in a TCP transport, write_at_once sends at once and
+    leaves the transport idle; when something waits, it queues behind it as
+    write() would, and the reactor sends both, in order."""
+    transport, peer, reactor = _connected_tcp()
+    try:
+        write_at_once(transport, b"first")
+        assert _received(peer, 5) == b"first"
+        assert transport not in reactor.getWriters()
+        assert not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+        transport.write(b"waiting,")
+        write_at_once(transport, b"second")
+        assert transport in reactor.getWriters()
+        assert transport.doWrite() is None
+        assert _received(peer, 14) == b"waiting,second"
+        assert transport not in reactor.getWriters()
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
+def test_write_at_once_leaves_a_full_or_closing_connection_to_write():
+    """When the socket takes only part of the bytes, the rest waits in the
+    transport for the reactor and arrives whole; once the transport is
+    closing, bytes go through write() and are not sent by the call."""
+    transport, peer, reactor = _connected_tcp()
+    try:
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = os.urandom(1 << 20)
+        write_at_once(transport, big)
+        assert transport in reactor.getWriters()
+        assert 0 < transport._tempDataLen < len(big)
+        received = b""
+        while len(received) < len(big):
+            received += peer.recv(1 << 20)
+            transport.doWrite()
+        assert received == big
+        assert transport not in reactor.getWriters()
+        transport.loseConnection()
+        write_at_once(transport, b"late")
+        assert transport._tempDataLen == 4
+    finally:
+        transport.socket.close()
+        peer.close()

@@ -106,3 +106,36 @@ def take_unread_bytes(channel):
     channel._dataBuffer = []
     channel._buffer = b""
     return data
+
+
+def write_at_once(transport, data):
+    """transport.write(data), but sent by this call, not at the reactor's
+    next turn, when nothing else waits in the transport to go out.
+
+    A small request on an idle connection (the limiter's one EVALSHA) then
+    costs one send() instead of registering the socket for writing, a
+    wakeup to write it and unregistering it again. Relies on a plain
+    tcp.Connection's private buffer state (`dataBuffer`, `offset`,
+    `_tempDataLen`) saying that nothing waits, and on its `socket` being the
+    connected non-blocking socket that doWrite() sends on. Whatever is not
+    sent (a full socket buffer, an error) goes to write() as before, which
+    also reports a broken connection the usual way; TLS and other
+    transports always do.
+    """
+    if (
+        isinstance(transport, tcp.Connection)
+        and not transport.TLS
+        and transport.connected
+        and not (transport.disconnecting or transport._writeDisconnecting
+                 or transport._writeDisconnected)
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)

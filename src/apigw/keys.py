@@ -518,24 +518,37 @@ class Authenticator:
         if not raw_key:
             raise AuthFailure("missing")
         if isinstance(raw_key, bytes):
+            # Only keys of the right shape are ever cached, so a hot key is
+            # found by its hash alone, before decoding and matching it
+            # again: the hash of ASCII bytes as sent is hash_key() of their text.
+            key_hash = hashlib.sha256(raw_key).hexdigest()
+            now = self._clock.seconds()
+            record = self._cached(key_hash, now)
+            if record is not _MISS:
+                return self._check(record, service, now)
             try:
                 raw_key = raw_key.decode("ascii")
             except UnicodeDecodeError:
                 raise AuthFailure("invalid") from None
-        if not KEY_SHAPE.match(raw_key):
-            raise AuthFailure("invalid")
-        key_hash = hash_key(raw_key)
-        record = self._cached(key_hash, self._clock.seconds())
-        if record is _MISS:
-            record = await self._lookup(key_hash)
-        return self._check(record, service)
+            if not KEY_SHAPE.match(raw_key):
+                raise AuthFailure("invalid")
+        else:
+            if not KEY_SHAPE.match(raw_key):
+                raise AuthFailure("invalid")
+            key_hash = hash_key(raw_key)
+            now = self._clock.seconds()
+            record = self._cached(key_hash, now)
+            if record is not _MISS:
+                return self._check(record, service, now)
+        record = await self._lookup(key_hash)
+        return self._check(record, service, self._clock.seconds())
 
-    def _check(self, record, service):
+    def _check(self, record, service, now):
         if record is None:
             raise AuthFailure("invalid")
         if record.revoked_at is not None:
             raise AuthFailure("revoked")
-        if record.expires_at is not None and record.expires_at <= self._clock.seconds():
+        if record.expires_at is not None and record.expires_at <= now:
             raise AuthFailure("expired")
         if service is not None and not record.allows(service):
             raise AuthFailure("forbidden")

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from apigw._twisted_compat import write_at_once
 from apigw.config import SentinelRedisURL
 from apigw.errors import GatewayError
 from apigw.outage import OutageLog
@@ -52,21 +53,39 @@ def bucket_for(service_name, consumer_id, client_ip):
 
 def rate_limit_headers(decision, period_s):
     """Both header families (IETF draft and GitHub style), same values."""
-    limit = b"%d" % decision.limit
+    fixed = _FIXED_HEADERS.get((decision.limit, period_s))
+    if fixed is None:
+        fixed = _fixed_headers(decision.limit, period_s)
     remaining = b"%d" % decision.remaining
     reset = b"%d" % decision.reset_s
     headers = [
-        (b"RateLimit-Limit", limit),
+        fixed[0],
         (b"RateLimit-Remaining", remaining),
         (b"RateLimit-Reset", reset),
-        (b"RateLimit-Policy", b"%d;w=%d" % (decision.limit, max(1, round(period_s)))),
-        (b"X-RateLimit-Limit", limit),
+        fixed[1],
+        fixed[2],
         (b"X-RateLimit-Remaining", remaining),
         (b"X-RateLimit-Reset", reset),
     ]
     if not decision.allowed:
         headers.append((b"Retry-After", b"%d" % decision.retry_after_s))
     return headers
+
+
+# (limit, period) -> the header pairs that depend on nothing else, made
+# once: a service has one limit, and keys with their own are few.
+_FIXED_HEADERS = {}
+
+
+def _fixed_headers(limit, period_s):
+    encoded = b"%d" % limit
+    fixed = ((b"RateLimit-Limit", encoded),
+             (b"RateLimit-Policy", b"%d;w=%d" % (limit, max(1, round(period_s)))),
+             (b"X-RateLimit-Limit", encoded))
+    if len(_FIXED_HEADERS) >= 1000:
+        _FIXED_HEADERS.clear()
+    _FIXED_HEADERS[(limit, period_s)] = fixed
+    return fixed
 
 
 def _checked(algorithm):
@@ -80,13 +99,17 @@ def _period_ms(period_s):
 
 
 def _decision(limit, allowed, remaining, reset_ms, retry_ms):
-    return Decision(
-        allowed=bool(allowed),
-        limit=limit,
-        remaining=max(0, int(remaining)),
-        reset_s=max(1, math.ceil(reset_ms / 1000)),
-        retry_after_s=0 if allowed else max(1, math.ceil(retry_ms / 1000)),
-    )
+    # Once per request: positional, and conditionals rather than max().
+    remaining = int(remaining)
+    reset_s = math.ceil(reset_ms / 1000)
+    if allowed:
+        retry_s = 0
+    else:
+        retry_s = math.ceil(retry_ms / 1000)
+        if retry_s < 1:
+            retry_s = 1
+    return Decision(True if allowed else False, limit, remaining if remaining > 0 else 0,
+                    reset_s if reset_s > 1 else 1, retry_s)
 
 
 def decide(state, now_ms, limit, period_ms, sliding):
@@ -230,6 +253,11 @@ class RedisLimiter:
         # Connection -> when its first unanswered timeout happened: a silent
         # partition leaves the socket open for ever unless we close it.
         self._silent_since = weakref.WeakKeyDictionary()
+        # Whether _silent_since may hold anything: asking the weak dictionary
+        # itself (a Python __len__) on every answer costs more than this.
+        self._maybe_silent = False
+        self._commands = {}  # see _command()
+        self._deadlines = _PatientDeadlines(timeout_s, clock)
         self.outage = OutageLog(
             redis_url.describe(), clock, self.log,
             consequence="requests get the rate_limit_failure policy until it answers")
@@ -324,36 +352,57 @@ class RedisLimiter:
 
         A plain callback chain straight onto a connected protocol: this runs
         once per request, and txredisapi's handler adds a generator and a
-        DeferredQueue round per command on top of the one round trip.
+        DeferredQueue round per command on top of the one round trip, and
+        its execute_command() encodes the same command afresh each time.
         """
-        algorithm = _checked(algorithm or self._algorithm)
+        command = self._commands.get((bucket, limit, period_s, algorithm))
+        if command is None:
+            command = self._command(bucket, limit, period_s, algorithm)
         try:
             redis = self._connection()
         except LimiterUnavailable:
             return defer.fail()
-        # Bytes throughout: txredisapi passes them through as they are.
-        args = (b"%d" % limit, b"%d" % _period_ms(period_s),
-                b"1" if algorithm == "sliding_window" else b"0")
-        key = (self._prefix + bucket).encode("utf-8")
-        d = redis.execute_command(b"EVALSHA", _LUA_CHECK_SHA_BYTES, b"1", key, *args)
-        d.addErrback(self._load_script, redis, key, args)
-        _add_patient_timeout(d, self._timeout_s, self._clock)
+        d = _send_encoded(redis, command[0])
+        d.addErrback(self._load_script, redis, command[1], command[2])
+        self._deadlines.add(d)
         d.addCallbacks(self._answered, self._unavailable,
                        callbackArgs=(limit, redis), errbackArgs=(redis,))
         return d
+
+    # A bucket sends the same EVALSHA request after request: its encoding
+    # is kept rather than built again by txredisapi every time.
+    max_cached_commands = 10000
+
+    def _command(self, bucket, limit, period_s, algorithm):
+        """(the encoded EVALSHA, its key, its arguments), remembered."""
+        sliding = _checked(algorithm or self._algorithm) == "sliding_window"
+        # Bytes throughout: txredisapi passes them through as they are.
+        args = (b"%d" % limit, b"%d" % _period_ms(period_s), b"1" if sliding else b"0")
+        key = (self._prefix + bucket).encode("utf-8")
+        command = (_encode_command((b"EVALSHA", _LUA_CHECK_SHA_BYTES, b"1", key, *args)),
+                   key, args)
+        if len(self._commands) >= self.max_cached_commands:
+            self._commands.clear()
+        # Keyed by what the caller passed: `algorithm` None means this
+        # limiter's default, which never changes.
+        self._commands[(bucket, limit, period_s, algorithm)] = command
+        return command
 
     # A connection whose commands have all timed out for this long is
     # closed, so that txredisapi connects afresh.
     silent_abort_s = 2.0
 
     def _answered(self, reply, limit, redis):
-        if self._silent_since:
+        if self._maybe_silent:
             self._silent_since.pop(redis, None)
-        return _to_decision(reply, limit)
+            self._maybe_silent = len(self._silent_since) > 0
+        allowed, remaining, reset_ms, retry_ms = reply
+        return _decision(limit, allowed, remaining, reset_ms, retry_ms)
 
     def _timed_out(self, redis):
         now = self._clock.seconds()
         since = self._silent_since.setdefault(redis, now)
+        self._maybe_silent = True
         if now - since >= self.silent_abort_s:
             del self._silent_since[redis]
             log.warn("Redis connection silent for {seconds}s; closing it to connect afresh",
@@ -509,42 +558,100 @@ class _MasterEndpoint:
 
 
 def _add_patient_timeout(d, timeout_s, clock):
-    """Like Deferred.addTimeout, but the deadline waits one more reactor turn.
+    """Like Deferred.addTimeout, but the deadline waits one more reactor turn
+    (see _PatientDeadlines)."""
+    return _PatientDeadlines(timeout_s, clock).add(d)
+
+
+class _PatientDeadlines:
+    """Deadlines for Deferreds, timeout_s after each is added, on one timer.
 
     The reactor runs due timers before it reads sockets: after any stall
     longer than the timeout (a GC pause, a starved CPU), a plain timeout
-    fires while Redis's answer already sits unread in the socket. A
-    callLater(0) from the timer runs after the next poll has read it.
+    fires while Redis's answer already sits unread in the socket. So a
+    deadline waits one more turn, a callLater(0) from the timer, which runs
+    after the next poll has read it.
+
+    One timer for all the Deferreds under way, set for the earliest of
+    their deadlines, rather than one timer armed and cancelled per request.
     """
-    expired = []
-    finished = []
 
-    def expire():
-        # Not d.called: after NOSCRIPT, d has fired into the EVAL's Deferred
-        # and waits on it; cancel() reaches that one too.
-        if not finished:
-            expired.append(True)
-            d.cancel()
+    def __init__(self, timeout_s, clock):
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._deadlines = {}  # Deferred -> when it expires, while under way
+        self._timer = None
+        self._timer_at = None
+        self._expired = set()
 
-    call = clock.callLater(timeout_s, lambda: calls.append(clock.callLater(0, expire)))
-    calls = [call]
+    def add(self, d):
+        deadline = self._clock.seconds() + self._timeout_s
+        self._deadlines[d] = deadline
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
+        d.addBoth(self._done, d)
+        return d
 
-    def done(result):
-        finished.append(True)
-        for c in calls:
-            if c.active():
-                c.cancel()
-        if expired and isinstance(result, Failure) and result.check(defer.CancelledError):
-            return Failure(defer.TimeoutError(f"no answer within {timeout_s}s"))
+    def _arm(self, at):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._clock.callLater(max(0.0, at - self._clock.seconds()), self._due)
+
+    def _due(self):
+        self._timer = None
+        # The timer's own time counts as reached, whatever the rounding of
+        # the delay it was armed with.
+        now = max(self._clock.seconds(), self._timer_at)
+        due = [d for d, deadline in self._deadlines.items() if deadline <= now]
+        if due:
+            self._clock.callLater(0, self._expire, due)
+        later = [deadline for deadline in self._deadlines.values() if deadline > now]
+        if later:
+            self._arm(min(later))
+
+    def _expire(self, due):
+        for d in due:
+            # Not d.called: after NOSCRIPT, d has fired into the EVAL's
+            # Deferred and waits on it; cancel() reaches that one too.
+            if d in self._deadlines:
+                self._expired.add(d)
+                d.cancel()
+
+    def _done(self, result, d):
+        del self._deadlines[d]
+        if self._expired and d in self._expired:
+            self._expired.discard(d)
+            if isinstance(result, Failure) and result.check(defer.CancelledError):
+                return Failure(defer.TimeoutError(f"no answer within {self._timeout_s}s"))
         return result
 
-    d.addBoth(done)
-    return d
+
+def _encode_command(args):
+    """A Redis command in RESP, as txredisapi's execute_command() writes
+    it for the same (bytes) arguments."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
 
 
-def _to_decision(reply, limit):
-    allowed, remaining, reset_ms, retry_ms = reply
-    return _decision(limit, allowed, remaining, reset_ms, retry_ms)
+def _send_encoded(redis, command):
+    """Send an already encoded command on a connected txredisapi protocol:
+    a Deferred of its reply, failing with the ResponseError of an error reply.
+
+    What execute_command() does without pipelining, MULTI or a reply
+    timeout (the limiter uses none), minus encoding the command again and
+    the second Deferred it puts in front of the reply. Relies on
+    txredisapi's protocol writing each command to `transport` (sent at
+    once here: apigw._twisted_compat.write_at_once) and
+    answering them in order from `replyQueue` (a DeferredQueue whose get()
+    may be cancelled without shifting the replies of later commands), and
+    on `handle_reply` raising error replies; tests/test_ratelimit.py pins
+    that.
+    """
+    write_at_once(redis.transport, command)
+    return redis.replyQueue.get().addCallback(redis.handle_reply)
 
 
 def make_limiter(config, clock, reactor=None):
@@ -609,7 +716,8 @@ class RateLimiting:
             if closed:
                 raise GatewayError(503, "the rate limiter is unavailable; try again later")
             return ()
-        self._recovered()
+        if self._failing:
+            self._recovered()
         headers = rate_limit_headers(decision, period_s)
         if not decision.allowed:
             self._metrics.rate_limited.labels(service.name).inc()

@@ -1,0 +1,40 @@
+"""The access log file: one JSON object per line, as json.dumps writes it."""
+
+import json
+import math
+import tempfile
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apigw.logs import ACCESS_FIELDS, AccessLog
+
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.fixed_dictionaries({field: _VALUES for field in ACCESS_FIELDS}),
+                min_size=1, max_size=5))
+def test_each_record_is_the_line_json_dumps_makes(records):
+    """When records of any values are written to the file, each is one line, byte for byte what json.dumps(separators=(",", ":")) makes of it."""
+    # A fixed path: the log masks key-shaped text in it.
+    records = [dict(record, path="/x") for record in records]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/access.log"
+        access = AccessLog(path)
+        access.start()
+        for record in records:
+            access.record(record)
+        access.stop()
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    assert lines.pop() == ""
+    assert lines == [json.dumps(record, separators=(",", ":")) for record in records]
+    for line, record in zip(lines, records):
+        loaded = json.loads(line)
+        assert list(loaded) == list(record)
+        for field, value in record.items():
+            if not (isinstance(value, float) and math.isnan(value)):
+                assert loaded[field] == value
