@@ -464,7 +464,11 @@ async def test_postgres_host_list_skips_a_dead_host_and_reconnects_to_the_primar
         record, raw = await store.create_key("multi-host")
         ports = await store._pool.runQuery("SELECT inet_server_port()")
         assert ports == [(PG_SERVER["port"],)]
-        # Every pooled connection cut: the next query goes down the list again.
+        # Several pooled connections, as under load.
+        await defer.gatherResults([store._pool.runQuery("SELECT pg_sleep(0.05)")
+                                   for _ in range(5)])
+        # Every pooled connection cut: the next query goes down the list
+        # again, past each dead connection.
         admin = _admin_connection()
         with admin.cursor() as cur:
             cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"

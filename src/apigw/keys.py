@@ -300,12 +300,16 @@ class KeyStore:
     async def _run(self, interaction, *args, retry=False):
         """Run one transaction in the pool; database trouble -> KeyStoreUnavailable.
 
-        With retry, a read is tried once more on a fresh connection, because
-        the first query after a database restart meets the dead connection.
+        With retry, a read that meets a dead connection is tried again: after
+        a database restart every pooled connection is dead, and each failed
+        try drops one, so it may take one try per pooled connection (and one
+        more) to reach a fresh one. A timeout or another error is tried once
+        more, no more.
         """
         if self._pool is None:
             raise KeyStoreUnavailable("the key store is not started")
-        attempts = 2 if retry else 1
+        attempts = self._pool.max + 1 if retry else 1
+        other_failures = 0
         for attempt in range(attempts):
             d = self._pool.runInteraction(interaction, *args)
             d.addTimeout(self._query_timeout_s, self._reactor)
@@ -315,12 +319,18 @@ class KeyStore:
                 raise
             except defer.TimeoutError:
                 why = f"no answer within {self._query_timeout_s:g}s"
+                other_failures += 1
+                if other_failures == 2:
+                    break
             except (adbapi.ConnectionLost, self._dbapi.OperationalError,
                     self._dbapi.InterfaceError) as e:
                 why = _first_line(e)
             except self._dbapi.Error as e:
                 self.log.failure("key store: unexpected database error")
                 why = _first_line(e)
+                other_failures += 1
+                if other_failures == 2:
+                    break
             else:
                 self._mark_up()
                 return result
