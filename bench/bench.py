@@ -49,6 +49,7 @@ PEERS = [
     ("twisted", "twisted ReverseProxyResource"),
     ("apigw", "apigw"),
     ("apigw-noauth", "apigw auth:false no limit"),
+    ("apigw-noauth-file", "apigw auth:false no limit, access log file"),
     ("apigw-w2", "apigw --workers 2"),
     ("prototype", peerprocs.Prototype.name),
 ]
@@ -269,13 +270,16 @@ def main(argv=None):
                                   workers=2 if key == "apigw-w2" else None)
                 procs_of[key] = g.start()
                 started.append(g)
-        if "apigw-noauth" in chosen:
-            # No key, no limiter (so no Redis), no access log: the proxying alone.
+        for key in ("apigw-noauth", "apigw-noauth-file"):
+            if key not in chosen:
+                continue
+            # No key, no limiter (so no Redis): the proxying alone, with the
+            # access records in twistd's log, or as JSON lines in a file.
             yaml_text = NOAUTH_YAML.format(service=SERVICE, upstream_port=upstream_port)
-            env = {"DATABASE_URL": f"sqlite:///{workdir}/apigw-noauth/apigw.db"}
-            g = procs.gateway("apigw-noauth", workdir, procs.free_port(), yaml_text, env,
-                              access_log=False)
-            procs_of["apigw-noauth"] = g.start()
+            env = {"DATABASE_URL": f"sqlite:///{workdir}/{key}/apigw.db"}
+            g = procs.gateway(key, workdir, procs.free_port(), yaml_text, env,
+                              access_log=key == "apigw-noauth-file")
+            procs_of[key] = g.start()
             started.append(g)
         if "prototype" in chosen:
             redis_dbs.append(procs.pick_redis_db(SHARED_REDIS_PORT, exclude=redis_dbs))
@@ -328,7 +332,7 @@ def main(argv=None):
         if crashed:
             raise BenchError(f"peer(s) died during the run: {', '.join(crashed)}")
         access_lines = {NAME[k]: _count_lines(os.path.join(procs_of[k].dir, "access.log"))
-                        for k in full_path}
+                        for k in full_path + [k for k in ("apigw-noauth-file",) if k in chosen]}
         versions = peerprocs.venv_versions()
     finally:
         for proc in reversed(started):

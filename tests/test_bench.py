@@ -36,7 +36,7 @@ def tools():
 # Row names of bench/bench.py, and which proxy each is (all but the upstream).
 PEERS = ["upstream direct", "nginx proxy", "aiohttp proxy (asyncio)", "aiohttp proxy (uvloop)",
          "twisted ReverseProxyResource", "apigw", "apigw auth:false no limit",
-         "apigw --workers 2", "Flask prototype (gunicorn -w 2)"]
+         "apigw auth:false no limit, access log file", "apigw --workers 2", "Flask prototype (gunicorn -w 2)"]
 # The peers the bench may skip, with its reason on a "skipped:" line: no
 # --workers, or no Flask prototype folder or PostgreSQL server for it.
 MAY_SKIP = {"apigw --workers 2", "Flask prototype (gunicorn -w 2)"}
