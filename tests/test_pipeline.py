@@ -144,3 +144,36 @@ def test_listener_that_cannot_bind_raises_from_start_service():
         assert refused.value.code == 1 and listener.port is None
     finally:
         taken.stopListening()
+
+
+def test_timeouts_fire_on_time_for_each_deferred_on_one_timer():
+    """When Deferreds with different timeouts are under way, each one not fired by its own deadline fails then with what on_timeout makes of it, the others keep their results, and only one timer is ever set."""
+    from twisted.internet import defer
+    from apigw.deadlines import Timeouts
+
+    clock = Clock()
+    timeouts = Timeouts(clock)
+    timed_out = []
+
+    def on_timeout(failure, timeout_s):
+        timed_out.append(timeout_s)
+        return "timed out"
+
+    slow, quick, answered = defer.Deferred(), defer.Deferred(), defer.Deferred()
+    results = {}
+    for name, d, timeout_s in (("slow", slow, 5.0), ("quick", quick, 2.0),
+                               ("answered", answered, 1.0)):
+        timeouts.add(d, timeout_s, on_timeout).addBoth(
+            lambda result, name=name: results.__setitem__(name, result))
+        assert len(clock.getDelayedCalls()) == 1
+    answered.callback("ok")
+    clock.advance(1.99)
+    assert results == {"answered": "ok"}
+    clock.advance(0.01)
+    assert results == {"answered": "ok", "quick": "timed out"} and timed_out == [2.0]
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(2.99)
+    assert "slow" not in results
+    clock.advance(0.01)
+    assert results["slow"] == "timed out" and timed_out == [2.0, 5.0]
+    assert clock.getDelayedCalls() == []

@@ -48,3 +48,64 @@ class Watchdog:
                 log.failure("deadline check of {item!r}", item=item)
         if self._items:
             self._call = self._clock.callLater(self.interval_s, self._tick)
+
+
+class Timeouts:
+    """Deferred.addTimeout for many Deferreds on one timer, on time.
+
+    For deadlines that must fire when due (an upstream's time to answer,
+    which the tests and the 504 promise to the second), not a tick late as
+    the Watchdog's may: the one timer is set for the earliest deadline under
+    way. As most Deferreds fire long before theirs, it is set again only
+    when a new deadline comes before it, or when it fires, about once per
+    timeout, instead of a callLater and a cancel per Deferred.
+    """
+
+    def __init__(self, clock):
+        self._clock = clock
+        # Deferred -> [deadline, timed out], while it has not fired.
+        self._entries = {}
+        self._timer = None
+        self._timer_at = None
+
+    def add(self, d, timeout_s, on_timeout):
+        """Cancel `d` if it has not fired `timeout_s` from now; it then
+        fails with what `on_timeout(failure, timeout_s)` returns, as
+        addTimeout's onTimeoutCancel."""
+        at = self._clock.seconds() + timeout_s
+        entry = [at, False]
+        self._entries[d] = entry
+        if self._timer is None or at < self._timer_at:
+            self._arm(at)
+        d.addBoth(self._settled, d, entry, timeout_s, on_timeout)
+        return d
+
+    def _arm(self, at):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._clock.callLater(max(0.0, at - self._clock.seconds()), self._fire)
+
+    def _fire(self):
+        self._timer = None
+        # The timer's own time counts as reached, whatever the rounding.
+        now = max(self._clock.seconds(), self._timer_at)
+        due = [(d, entry) for d, entry in self._entries.items() if entry[0] <= now]
+        for d, entry in due:
+            entry[1] = True
+            d.cancel()
+        if self._entries:
+            self._arm(min(entry[0] for entry in self._entries.values()))
+
+    def _settled(self, result, d, entry, timeout_s, on_timeout):
+        self._entries.pop(d, None)
+        if entry[1]:
+            # Whatever cancelling made of it (a canceller may fail it with
+            # its own error), as addTimeout does.
+            return on_timeout(result, timeout_s)
+        return result
+
+    def stop(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None

@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 from apigw.balancer import Balancer, BreakerRegistry
 from apigw.body import SMALL_BODY, body_producer
 from apigw.config import Settings
+from apigw.deadlines import Timeouts
 from apigw.errors import GatewayError
 from apigw.headers import upstream_header_pairs
 from apigw.logs import redact
@@ -115,6 +116,7 @@ class Forwarder:
             failure_ratio=defaults.breaker_failure_ratio, window_s=defaults.breaker_window_s,
         )
         self._balancers = {}
+        self._timeouts = Timeouts(clock)
         self._configured = False
         self._latency = {}
 
@@ -137,6 +139,7 @@ class Forwarder:
 
     def close(self):
         self.breakers.stop()
+        self._timeouts.stop()
         return self.client.close_idle()
 
     def balancer_for(self, service):
@@ -244,7 +247,7 @@ class Forwarder:
         )
         # Cancelling the client's Deferred fails it with ResponseNeverReceived,
         # not CancelledError: say "timed out" explicitly when the timer fired.
-        d.addTimeout(service.timeout_s, self._clock, onTimeoutCancel=_timed_out)
+        self._timeouts.add(d, service.timeout_s, _timed_out)
         try:
             response = await d
         except defer.TimeoutError:
