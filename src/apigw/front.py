@@ -305,7 +305,7 @@ class FrontRequest:
         "channel", "site", "sitepath", "transport", "client_ip", "method", "uri", "path",
         "requestHeaders", "request_id", "prepath", "postpath", "route", "bytes_sent",
         "client_gone", "finished", "startedWriting", "chunked", "code", "code_message",
-        "_waiters", "_responseHeaders",
+        "_waiters", "_gone_calls", "_responseHeaders",
     )
 
     clientproto = b"HTTP/1.1"
@@ -336,7 +336,7 @@ class FrontRequest:
         self.client_gone = self.finished = self.startedWriting = self.chunked = False
         self.code = 200
         self.code_message = b"OK"
-        self._waiters = self._responseHeaders = None
+        self._waiters = self._gone_calls = self._responseHeaders = None
         self.request_id = request_id_for(self)
 
     def isSecure(self):
@@ -365,6 +365,16 @@ class FrontRequest:
                 self._waiters = []
             self._waiters.append(d)
         return d
+
+    def when_gone(self, call):
+        """Call `call()` if the client leaves before the answer is all
+        written (notifyFinish's errback, without a Deferred per caller)."""
+        if self.client_gone:
+            call()
+        elif not self.finished:
+            if self._gone_calls is None:
+                self._gone_calls = []
+            self._gone_calls.append(call)
 
     def add_own_headers(self):
         headers = self.responseHeaders
@@ -436,6 +446,7 @@ class FrontRequest:
         if head:
             self.channel.out.write(head)
         self.finished = True
+        self._gone_calls = None
         waiters, self._waiters = self._waiters, None
         if waiters:
             for d in waiters:
@@ -452,6 +463,10 @@ class FrontRequest:
 
     def connection_lost(self, reason):
         self.client_gone = True
+        calls, self._gone_calls = self._gone_calls, None
+        if calls:
+            for call in calls:
+                call()
         waiters, self._waiters = self._waiters, None
         if waiters:
             for d in waiters:

@@ -149,7 +149,7 @@ class Pipeline:
                   lambda result: self._journey_ended(result, request, outcome))
         if early is not None:
             early.journey = run
-        request.notifyFinish().addErrback(lambda _: run.cancel())
+        request.when_gone(run.cancel)
         run.start()
 
     async def _journey(self, request, route, outcome, early=None):

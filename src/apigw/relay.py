@@ -94,13 +94,9 @@ class _Relay(Protocol):
         if self._no_body:
             return  # nothing to stream: the pool gets the connection back
         self._request.registerProducer(self, True)
-        self._request.notifyFinish().addErrback(self._client_gone)
+        self._request.when_gone(self.stopProducing)
         self._deadline = self._clock.seconds() + self._idle_timeout_s
         self._watchdog.watch(self)
-
-    def _client_gone(self, _):
-        # The client left mid-body: stop reading from the upstream.
-        self.stopProducing()
 
     def _write_head(self):
         head, self._head = self._head, None
@@ -139,7 +135,7 @@ class _Relay(Protocol):
             log.info("request {request_id}: the client took nothing for {timeout}s;"
                      " closing it", request_id=request.request_id,
                      timeout=self._send_timeout_s)
-            # Its connectionLost stops the upstream body (_client_gone).
+            # Its connectionLost stops the upstream body (when_gone).
             request.transport.abortConnection()
 
     def dataReceived(self, data):

@@ -118,6 +118,11 @@ class GatewayRequest(server.Request):
         self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
         site.pipeline.process(self)
 
+    def when_gone(self, call):
+        """Call `call()` if the client leaves before the answer is all
+        written."""
+        self.notifyFinish().addErrback(lambda _: call())
+
     def add_own_headers(self):
         """Server and Date, for answers the gateway makes itself (a proxied
         answer keeps the upstream's)."""
