@@ -83,3 +83,54 @@ def test_an_exception_before_any_await_reaches_done_at_start():
     run, ended = _run(body())
     [result] = ended
     assert result.check(RuntimeError)
+
+
+def test_a_cancel_before_any_await_cancels_the_first_one():
+    """When the run is cancelled before the coroutine awaits anything, its first await is cancelled at once."""
+    waiting = defer.Deferred()
+
+    async def body():
+        try:
+            await waiting
+        except defer.CancelledError:
+            return "cancelled"
+
+    ended = []
+    run = Run(body(), ended.append)
+    run.cancel()
+    run.start()
+    assert ended == ["cancelled"]
+
+
+def test_awaiting_something_else_than_a_deferred_ends_the_run_with_a_failure():
+    """When the coroutine awaits an object the run cannot resume it from, done gets a Failure instead of the run hanging."""
+    class Odd:
+        def __await__(self):
+            yield "not a Deferred"
+
+    async def body():
+        await Odd()
+
+    run, ended = _run(body())
+    [result] = ended
+    assert isinstance(result, Failure)
+
+
+def test_an_error_in_done_is_logged_not_raised_to_the_caller():
+    """When done itself raises, start() returns normally and the error is logged."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+
+    def done(result):
+        raise RuntimeError("in done")
+
+    async def body():
+        return 1
+
+    try:
+        Run(body(), done).start()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any(e.get("log_failure") and e["log_failure"].check(RuntimeError) for e in events)

@@ -89,12 +89,17 @@ def test_pipelined_requests_are_answered_one_at_a_time_in_order():
     (b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX: a\r\n b\r\n\r\n", b"HTTP/1.1 200 OK"),
 ])
 def test_other_requests_are_left_to_twisted_web_from_their_first_byte(head, expected):
-    """When a request is not a plain bodyless HTTP/1.1 one for a service, twisted.web's channel answers it as it always did, and keeps the connection."""
+    """When a request is not a plain bodyless HTTP/1.1 one for a service, twisted.web's channel takes the connection from that request's first byte and answers it as it always did."""
     clock, client, records, channel, transport = _gateway()
     channel.dataReceived(head)
+    assert channel.handed_over
     if client.requests:
         _answer(client, 0)
     assert expected in transport.value()
+    if b"Content-Length: 3" in head:
+        assert client.bodies == [b"abc"]
+    elif b"chunked" in head:
+        assert client.bodies == [b""]
 
 
 def test_bare_lf_line_ends_are_never_proxied():
@@ -122,6 +127,20 @@ def test_a_connection_handed_to_twisted_web_still_serves_what_follows():
     assert channel.site.connections.open == 1
     channel.connectionLost(Failure(ConnectionDone()))
     assert channel.site.connections.open == 0
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /svc/x HTTP/1.1\r\n\r\n",  # refused at once: no Host
+    b"TRACE /svc/x HTTP/1.1\r\nHost: gw\r\n\r\n",  # refused at once: 405
+])
+def test_a_burst_of_pipelined_requests_answered_at_once_is_served_in_a_loop(head):
+    """When a client pipelines 3,000 requests the gateway refuses at once, in one write, each gets its answer and its record, and none stays counted in flight."""
+    clock, client, records, channel, transport = _gateway()
+    channel.dataReceived(head * 3000)
+    assert transport.value().count(b"HTTP/1.1 4") == 3000
+    assert len(records) == 3000
+    assert channel.site.pipeline._accounting.in_flight == 0
+    assert not channel.handed_over and not transport.disconnecting
 
 
 def test_connection_close_is_honoured_after_the_answer():
@@ -234,6 +253,8 @@ HEADS = [
     b"GET /svc/x#frag HTTP/1.1\r\nHost: gw\r\n\r\n",
     b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret\r\nProxy-Authorization: x\r\n\r\n",
     b"GET /svc/x HTTP/1.1\r\nHost: gw\r\nTE: trailers\r\nKeep-Alive: 5\r\n\r\n",
+    # Whitespace around values is not part of them.
+    b"GET /svc/x HTTP/1.1\r\nHost: gw \r\nX-A:  a \t\r\nX-Request-ID: keep-me.2 \r\n\r\n",
 ]
 
 

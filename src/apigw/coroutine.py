@@ -13,18 +13,24 @@ and cancelling it cancels the Deferred being awaited, which throws
 CancelledError into the coroutine as Deferred.fromCoroutine would.
 """
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+log = Logger()
 
 
 class Run:
     """Drives `coroutine` from start(); calls `done(value or Failure)` once."""
 
-    __slots__ = ("_coroutine", "_done", "_waiting")
+    __slots__ = ("_coroutine", "_done", "_waiting", "_cancel_next")
 
     def __init__(self, coroutine, done):
         self._coroutine = coroutine
         self._done = done
         self._waiting = None
+        # Cancelled while not awaiting (before start, or while running): the
+        # next await is cancelled as soon as it is made.
+        self._cancel_next = False
 
     def start(self):
         self._advance(None)
@@ -33,6 +39,8 @@ class Run:
         waiting = self._waiting
         if waiting is not None:
             waiting.cancel()
+        elif self._coroutine is not None:
+            self._cancel_next = True
 
     def _advance(self, result):
         try:
@@ -52,7 +60,17 @@ class Run:
         # A Deferred that has not fired yet (awaiting one that has does not
         # yield at all).
         self._waiting = awaited
-        awaited.addBoth(self._resume)
+        try:
+            awaited.addBoth(self._resume)
+        except Exception:
+            # Not a Deferred: nothing would ever resume the coroutine.
+            self._waiting = None
+            self._coroutine.close()
+            self._end(Failure())
+            return
+        if self._cancel_next and self._waiting is awaited:
+            self._cancel_next = False
+            awaited.cancel()
 
     def _resume(self, result):
         self._waiting = None
@@ -64,4 +82,9 @@ class Run:
     def _end(self, result):
         self._coroutine = None
         done, self._done = self._done, None
-        done(result)
+        try:
+            done(result)
+        except Exception:
+            # Kept here, as a Deferred would keep it: not the caller's
+            # (a connection's dataReceived) to be dropped for.
+            log.failure("after a request's journey")

@@ -90,7 +90,9 @@ class _HeadParser:
         self.url += url
 
     def on_header(self, name, value):
-        self.headers.add(name, value)
+        # llhttp drops the whitespace before a value, not after it;
+        # twisted.web drops both (RFC 9112 5: it is not part of the value).
+        self.headers.add(name, value.rstrip(b" \t"))
 
     def on_message_complete(self):
         self.complete = True
@@ -110,7 +112,7 @@ class FrontChannel(Protocol):
     _head_started = None
     _idle_since = None
     _handed_to = None
-    _read_closed = False
+    _serving = False
     _reading_paused = False
     persistent = True
 
@@ -150,7 +152,24 @@ class FrontChannel(Protocol):
         self._next()
 
     def _next(self):
-        """Serve the head at the start of the buffer, if it is all there."""
+        """Serve the heads at the start of the buffer, one at a time, for as
+        long as each is answered at once (a refusal, a local 429): a loop,
+        not a call per answer, so a burst of pipelined requests cannot
+        exhaust the stack."""
+        if self._serving:
+            return  # the loop below goes on once this answer is done
+        self._serving = True
+        try:
+            while self._current is None and self._buffer and self._handed_to is None \
+                    and self.persistent and not self.site.draining:
+                if not self._serve_one():
+                    break
+        finally:
+            self._serving = False
+
+    def _serve_one(self):
+        """Start the request whose head begins the buffer; False if it is
+        not all there yet (or went to twisted.web)."""
         buffer = self._buffer
         site = self.site
         end = buffer.find(_END_OF_HEAD)
@@ -159,17 +178,18 @@ class FrontChannel(Protocol):
                 # Maybe a line too long, maybe bare-LF line ends: twisted.web's
                 # parser says which, and how to answer it.
                 self._hand_over()
-            return
+            return False
         end += 4
         head = buffer[:end]
         request = self._plain_request(head)
         if request is None:
             self._hand_over()
-            return
+            return False
         self._buffer = buffer[end:]
         self._head_started = None
         self._current = request
         site.pipeline.process(request, request.route)
+        return True
 
     def _plain_request(self, head):
         """A FrontRequest for `head` if the fast lane may serve it, else None."""
@@ -214,6 +234,11 @@ class FrontChannel(Protocol):
             self.persistent = False
         return request
 
+    @property
+    def handed_over(self):
+        """Whether twisted.web's channel holds the connection now."""
+        return self._handed_to is not None
+
     def _hand_over(self):
         """twisted.web's channel takes the connection over, from the first
         byte of the request at hand."""
@@ -227,8 +252,6 @@ class FrontChannel(Protocol):
         # Looked up per call: the channel swaps its own dataReceived (a
         # WebSocket switch, a rejected request).
         self.dataReceived = lambda data: channel.dataReceived(data)
-        if self._read_closed:
-            channel.readConnectionLost()
         if data:
             channel.dataReceived(data)
 
@@ -256,7 +279,7 @@ class FrontChannel(Protocol):
                 self._head_started = None
                 log.info("dropping {peer}: request head not complete within {timeout}s",
                          peer=self.client_ip, timeout=site.header_timeout_s)
-                self.transport.write(
+                self.out.write(
                     b"HTTP/1.1 408 Request Timeout\r\nServer: apigw\r\nConnection: close\r\n"
                     b"Content-Length: 0\r\n\r\n")
                 self.transport.loseConnection()
@@ -271,7 +294,6 @@ class FrontChannel(Protocol):
         if self._handed_to is not None:
             self._handed_to.readConnectionLost()
             return
-        self._read_closed = True
         self.persistent = False
         if self._current is None:
             self.transport.loseConnection()
@@ -451,8 +473,10 @@ class FrontRequest:
         if waiters:
             for d in waiters:
                 d.callback(None)
-        # After the waiters: this answer is accounted for before the next
-        # pipelined request, if any, begins.
+        # After the waiters: an answer of the gateway's own is accounted for
+        # before the next pipelined request begins (a relayed one is
+        # accounted for once the relay's caller hears of it, as in
+        # twisted.web's lane).
         self.channel.request_done(self)
 
     def loseConnection(self):

@@ -149,8 +149,8 @@ class Pipeline:
                   lambda result: self._journey_ended(result, request, outcome))
         if early is not None:
             early.journey = run
-        request.when_gone(run.cancel)
         run.start()
+        request.when_gone(run.cancel)
 
     async def _journey(self, request, route, outcome, early=None):
         if early is None:
