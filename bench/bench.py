@@ -236,10 +236,7 @@ def main(argv=None):
     full_path = []
     prototype = None
     try:
-        upstream_port = procs.free_port()
-        upstream = procs.nginx("upstream", workdir, upstream_port).start()
-        started.append(upstream)
-        procs.wait_for_port(upstream_port, 15, upstream)
+        upstream, upstream_port = procs.start_upstream(workdir, started)
 
         # key -> (process whose CPU counts, path, API key or None)
         procs_of = {}

@@ -265,6 +265,16 @@ _PROXY = """\
   }}"""
 
 
+def start_upstream(workdir, started):
+    """The bench's nginx upstream on a free port, answering: (process, port). The
+    process joins `started`, for the caller's cleanup."""
+    port = free_port()
+    upstream = nginx("upstream", workdir, port).start()
+    started.append(upstream)
+    wait_for_port(port, 15, upstream)
+    return upstream, port
+
+
 def nginx(name, workdir, port, upstream_port=None, echo_request_id=False):
     """An nginx of our own (prefix, config, pid file, logs in workdir); 1 worker."""
     d = os.path.join(workdir, name)

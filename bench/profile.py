@@ -53,10 +53,7 @@ def main(argv=None):
     started = []
     redis_db = None
     try:
-        upstream_port = procs.free_port()
-        upstream = procs.nginx("upstream", workdir, upstream_port).start()
-        started.append(upstream)
-        procs.wait_for_port(upstream_port, 15, upstream)
+        _, upstream_port = procs.start_upstream(workdir, started)
         master_key = secrets.token_urlsafe(24)
         if args.peer == "apigw":
             redis_db = procs.pick_redis_db(bench.SHARED_REDIS_PORT)

@@ -1,6 +1,7 @@
 """apigw.coroutine.Run: a coroutine on Deferreds, as Deferred.fromCoroutine
 would run it."""
 
+import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -56,8 +57,9 @@ def test_a_failed_deferred_raises_in_the_coroutine_and_an_uncaught_one_reaches_d
     assert uncaught.result is None
 
 
-def test_cancel_throws_cancelled_error_into_the_awaited_step():
-    """When the run is cancelled while awaiting, the awaited Deferred is cancelled and the coroutine sees CancelledError."""
+@pytest.mark.parametrize("cancel_before_start", [False, True])
+def test_cancel_throws_cancelled_error_into_the_awaited_step(cancel_before_start):
+    """When the run is cancelled while awaiting, or before it awaits anything, the awaited Deferred is cancelled and the coroutine sees CancelledError."""
     waiting = defer.Deferred()
 
     async def body():
@@ -67,7 +69,11 @@ def test_cancel_throws_cancelled_error_into_the_awaited_step():
             return "cancelled"
         return "not cancelled"
 
-    run, ended = _run(body())
+    ended = []
+    run = Run(body(), ended.append)
+    if cancel_before_start:
+        run.cancel()
+    run.start()
     run.cancel()
     assert ended == ["cancelled"]
     assert waiting.called
@@ -83,23 +89,6 @@ def test_an_exception_before_any_await_reaches_done_at_start():
     run, ended = _run(body())
     [result] = ended
     assert result.check(RuntimeError)
-
-
-def test_a_cancel_before_any_await_cancels_the_first_one():
-    """When the run is cancelled before the coroutine awaits anything, its first await is cancelled at once."""
-    waiting = defer.Deferred()
-
-    async def body():
-        try:
-            await waiting
-        except defer.CancelledError:
-            return "cancelled"
-
-    ended = []
-    run = Run(body(), ended.append)
-    run.cancel()
-    run.start()
-    assert ended == ["cancelled"]
 
 
 def test_awaiting_something_else_than_a_deferred_ends_the_run_with_a_failure():

@@ -527,16 +527,17 @@ def test_limiter_timeouts_on_one_timer_each_fire_at_their_own_deadline():
     """When several calls share the limiter's deadline timer, each unanswered one times out one turn after its own deadline, answered ones never do, and no timer is left once none is under way."""
     from twisted.internet.defer import Deferred, TimeoutError
 
-    from apigw.ratelimit import _PatientDeadlines
+    from apigw.deadlines import Timeouts
+    from apigw.ratelimit import _timed_out
 
     clock = _TurnClock()
-    deadlines = _PatientDeadlines(0.1, clock)
+    deadlines = Timeouts(clock, patient=True)
     first, answered, second = Deferred(), Deferred(), Deferred()
     results = {d: [] for d in (first, answered, second)}
     for d in (first, answered):
-        deadlines.add(d).addBoth(results[d].append)
+        deadlines.add(d, 0.1, _timed_out).addBoth(results[d].append)
     clock.timers.advance(0.05)
-    deadlines.add(second).addBoth(results[second].append)
+    deadlines.add(second, 0.1, _timed_out).addBoth(results[second].append)
     answered.callback("answer")
     clock.timers.advance(0.05)
     assert results[first] == []  # the deadline waits one more turn

@@ -59,10 +59,17 @@ class Timeouts:
     way. As most Deferreds fire long before theirs, it is set again only
     when a new deadline comes before it, or when it fires, about once per
     timeout, instead of a callLater and a cancel per Deferred.
+
+    `patient`: a deadline waits one more reactor turn before it cancels.
+    The reactor runs due timers before it reads sockets, so after any stall
+    longer than the timeout (a GC pause, a starved CPU) a plain timeout
+    fires while the answer already sits unread in the socket; one turn more
+    lets the next poll read it (the Redis limiter's round trip).
     """
 
-    def __init__(self, clock):
+    def __init__(self, clock, patient=False):
         self._clock = clock
+        self._patient = patient
         # Deferred -> [deadline, timed out], while it has not fired.
         self._entries = {}
         self._timer = None
@@ -91,11 +98,20 @@ class Timeouts:
         # The timer's own time counts as reached, whatever the rounding.
         now = max(self._clock.seconds(), self._timer_at)
         due = [(d, entry) for d, entry in self._entries.items() if entry[0] <= now]
+        if due:
+            if self._patient:
+                self._clock.callLater(0, self._expire, due)
+            else:
+                self._expire(due)
+        later = [entry[0] for entry in self._entries.values() if entry[0] > now]
+        if later:
+            self._arm(min(later))
+
+    def _expire(self, due):
         for d, entry in due:
-            entry[1] = True
-            d.cancel()
-        if self._entries:
-            self._arm(min(entry[0] for entry in self._entries.values()))
+            if d in self._entries:  # else it fired meanwhile
+                entry[1] = True
+                d.cancel()
 
     def _settled(self, result, d, entry, timeout_s, on_timeout):
         self._entries.pop(d, None)

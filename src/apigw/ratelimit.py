@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from apigw._twisted_compat import write_at_once
 from apigw.config import SentinelRedisURL
+from apigw.deadlines import Timeouts
 from apigw.errors import GatewayError
 from apigw.outage import OutageLog
 from apigw.sentinel import MasterWatch, client_endpoint
@@ -257,7 +258,8 @@ class RedisLimiter:
         # itself (a Python __len__) on every answer costs more than this.
         self._maybe_silent = False
         self._commands = {}  # see _command()
-        self._deadlines = _PatientDeadlines(timeout_s, clock)
+        # One timer for the deadlines of all checks under way.
+        self._deadlines = Timeouts(clock, patient=True)
         self.outage = OutageLog(
             redis_url.describe(), clock, self.log,
             consequence="requests get the rate_limit_failure policy until it answers")
@@ -364,7 +366,7 @@ class RedisLimiter:
             return defer.fail()
         d = _send_encoded(redis, command[0])
         d.addErrback(self._load_script, redis, command[1], command[2])
-        self._deadlines.add(d)
+        self._deadlines.add(d, self._timeout_s, _timed_out)
         d.addCallbacks(self._answered, self._unavailable,
                        callbackArgs=(limit, redis), errbackArgs=(redis,))
         return d
@@ -559,72 +561,12 @@ class _MasterEndpoint:
 
 def _add_patient_timeout(d, timeout_s, clock):
     """Like Deferred.addTimeout, but the deadline waits one more reactor turn
-    (see _PatientDeadlines)."""
-    return _PatientDeadlines(timeout_s, clock).add(d)
+    (see deadlines.Timeouts)."""
+    return Timeouts(clock, patient=True).add(d, timeout_s, _timed_out)
 
 
-class _PatientDeadlines:
-    """Deadlines for Deferreds, timeout_s after each is added, on one timer.
-
-    The reactor runs due timers before it reads sockets: after any stall
-    longer than the timeout (a GC pause, a starved CPU), a plain timeout
-    fires while Redis's answer already sits unread in the socket. So a
-    deadline waits one more turn, a callLater(0) from the timer, which runs
-    after the next poll has read it.
-
-    One timer for all the Deferreds under way, set for the earliest of
-    their deadlines, rather than one timer armed and cancelled per request.
-    """
-
-    def __init__(self, timeout_s, clock):
-        self._timeout_s = timeout_s
-        self._clock = clock
-        self._deadlines = {}  # Deferred -> when it expires, while under way
-        self._timer = None
-        self._timer_at = None
-        self._expired = set()
-
-    def add(self, d):
-        deadline = self._clock.seconds() + self._timeout_s
-        self._deadlines[d] = deadline
-        if self._timer is None or deadline < self._timer_at:
-            self._arm(deadline)
-        d.addBoth(self._done, d)
-        return d
-
-    def _arm(self, at):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = self._clock.callLater(max(0.0, at - self._clock.seconds()), self._due)
-
-    def _due(self):
-        self._timer = None
-        # The timer's own time counts as reached, whatever the rounding of
-        # the delay it was armed with.
-        now = max(self._clock.seconds(), self._timer_at)
-        due = [d for d, deadline in self._deadlines.items() if deadline <= now]
-        if due:
-            self._clock.callLater(0, self._expire, due)
-        later = [deadline for deadline in self._deadlines.values() if deadline > now]
-        if later:
-            self._arm(min(later))
-
-    def _expire(self, due):
-        for d in due:
-            # Not d.called: after NOSCRIPT, d has fired into the EVAL's
-            # Deferred and waits on it; cancel() reaches that one too.
-            if d in self._deadlines:
-                self._expired.add(d)
-                d.cancel()
-
-    def _done(self, result, d):
-        del self._deadlines[d]
-        if self._expired and d in self._expired:
-            self._expired.discard(d)
-            if isinstance(result, Failure) and result.check(defer.CancelledError):
-                return Failure(defer.TimeoutError(f"no answer within {self._timeout_s}s"))
-        return result
+def _timed_out(result, timeout_s):
+    return Failure(defer.TimeoutError(f"no answer within {timeout_s}s"))
 
 
 def _encode_command(args):
