@@ -9,7 +9,8 @@ from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
 import pytest
 
-from apigw.front import FrontChannel, FrontRequest
+from apigw.front import FrontChannel
+from apigw.front_request import FrontRequest
 from tests.memory_gateway import FakeClient, FakeResponse, connect, gateway_service
 
 YAML = "services:\n  svc:\n    url: http://127.0.0.1:9\n    auth: false\n    rate_limit: null\n"
