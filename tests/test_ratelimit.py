@@ -450,12 +450,13 @@ def test_limiter_timeout_waits_one_turn_for_an_answer_already_read():
     """When the deadline passes during a stall but the answer is read in the next poll, the decision stands and no timeout is reported."""
     from twisted.internet.defer import Deferred
 
-    from apigw.ratelimit import _add_patient_timeout
+    from apigw.deadlines import Timeouts
+    from apigw.ratelimit import _timed_out
 
     clock = _TurnClock()
     d = Deferred()
     results = []
-    _add_patient_timeout(d, 0.1, clock).addBoth(results.append)
+    Timeouts(clock, patient=True).add(d, 0.1, _timed_out).addBoth(results.append)
     clock.timers.advance(0.5)  # the stall: the timer is long overdue
     assert results == []
     d.callback("answer")  # the poll after the stall reads Redis's reply
@@ -467,12 +468,13 @@ def test_limiter_timeout_fires_when_no_answer_came():
     """When nothing arrives by the turn after the deadline, the call fails with a timeout."""
     from twisted.internet.defer import Deferred, TimeoutError
 
-    from apigw.ratelimit import _add_patient_timeout
+    from apigw.deadlines import Timeouts
+    from apigw.ratelimit import _timed_out
 
     clock = _TurnClock()
     d = Deferred()
     results = []
-    _add_patient_timeout(d, 0.1, clock).addBoth(results.append)
+    Timeouts(clock, patient=True).add(d, 0.1, _timed_out).addBoth(results.append)
     clock.timers.advance(0.1)
     clock.turns.advance(0)
     assert len(results) == 1 and results[0].check(TimeoutError)

@@ -45,9 +45,6 @@ class FrontHeaders:
     def getAllRawHeaders(self):
         return self._entries.values()
 
-    def __len__(self):
-        return sum(len(values) for _, values in self._entries.values())
-
 
 class FrontRequest:
     """One plain request from FrontChannel, with what the pipeline, the
@@ -97,9 +94,6 @@ class FrontRequest:
 
     def isSecure(self):
         return self.channel.secure
-
-    def getClientAddress(self):
-        return self.transport.getPeer()
 
     @property
     def responseHeaders(self):

@@ -559,12 +559,6 @@ class _MasterEndpoint:
         raise MasterUnreachable(f"master {host}:{port}: {failure.getErrorMessage()}")
 
 
-def _add_patient_timeout(d, timeout_s, clock):
-    """Like Deferred.addTimeout, but the deadline waits one more reactor turn
-    (see deadlines.Timeouts)."""
-    return Timeouts(clock, patient=True).add(d, timeout_s, _timed_out)
-
-
 def _timed_out(result, timeout_s):
     return Failure(defer.TimeoutError(f"no answer within {timeout_s}s"))
 

@@ -41,11 +41,6 @@ class SendNow:
         self._transport = transport
         self._send = _socket_send(transport)
 
-    @property
-    def direct(self):
-        """Whether the next write may go straight to the socket."""
-        return self._send is not None
-
     def write(self, data):
         send = self._send
         if send is not None:
