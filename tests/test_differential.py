@@ -26,11 +26,22 @@ REQUESTS = [
 
 
 def _normalise(raw):
-    """Status line, header set and body; Date (ours and the upstream's) and
-    header order may differ."""
+    """Status line, header set and body; Date (ours and the upstream's),
+    the seconds to the limit window's reset (the two requests may straddle
+    a second) and header order may differ."""
     head, _, body = raw.partition(b"\r\n\r\n")
     status, *lines = head.split(b"\r\n")
-    headers = sorted(line.lower() for line in lines if not line.lower().startswith(b"date:"))
+    headers = []
+    for line in lines:
+        line = line.lower()
+        if line.startswith(b"date:"):
+            continue
+        name, _, value = line.partition(b": ")
+        if name in (b"ratelimit-reset", b"x-ratelimit-reset"):
+            assert value.isdigit(), line
+            line = name + b": <seconds>"
+        headers.append(line)
+    headers.sort()
     if body.startswith(b"{"):
         # The echo upstream lists request headers in arrival order, which
         # is each client's own business.
