@@ -74,10 +74,15 @@ def makeService(options, reactor=None):
         config = load_config(options["config"], environ=os.environ)
     except ConfigError as e:
         _refuse(str(e))
+    from apigw.twistd_log import LoggingRoot, observer_for
+
+    # twistd's own options (--logfile, --nodaemon) are the parent's.
+    root = LoggingRoot(observer_for(getattr(options, "parent", None), reactor))
     if options["workers"] > 1:
         from apigw.workers import make_supervisor
 
-        return make_supervisor(options, config, reactor)
+        make_supervisor(options, config, reactor).setServiceParent(root)
+        return root
     for option in ("port", "admin-port"):
         if options[option] is not None:
             check_endpoint(reactor, option, options[option])
@@ -87,10 +92,11 @@ def makeService(options, reactor=None):
     # twistd installs its SIGTERM handler as the reactor starts; ours
     # replaces it then.
     reactor.callWhenRunning(stop_once_on_sigterm, reactor)
-    return GatewayService(
+    GatewayService(
         config,
         port=options["port"],
         admin_port=options["admin-port"],
         access_log=options["access-log"],
         reactor=reactor,
-    )
+    ).setServiceParent(root)
+    return root

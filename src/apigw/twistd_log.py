@@ -1,0 +1,126 @@
+"""twistd's own log, written once per reactor turn.
+
+twistd's default observer formats a timestamp, then calls write(2) and
+flushes, for every event; with the access records going there (no
+--access-log) that was a quarter of the gateway's time under load. This
+observer writes the same lines to the same place (the --logfile, rotated
+by size and on SIGUSR1 as twistd does; stdout under -n without one) but
+formats each second's timestamp once and writes the info lines of one
+reactor turn together when the turn ends. Warnings and worse, events from
+other threads and anything while the reactor is not running go out at once,
+after whatever is pending, so the order of lines is kept and a process
+killed outright loses at most the info lines of its last turn.
+
+twistd takes an observer from the application's ILogObserver component,
+the hook a .tac file would use; `LoggingRoot` sets it when twistd puts the
+gateway into its application. --logger and --syslog keep twistd's own.
+"""
+
+import signal
+import sys
+import threading
+
+from twisted.application.service import MultiService
+from twisted.logger import ILogObserver, LogLevel, formatEventAsClassicLogText, formatTime
+from twisted.python import threadable
+from twisted.python.logfile import LogFile
+from zope.interface import implementer
+
+# More lines than this in one turn are written without waiting for its end.
+MAX_PENDING = 256
+
+
+@implementer(ILogObserver)
+class TurnBufferedLogObserver:
+    """twistd's classic text lines to `out_file`, one write per reactor turn."""
+
+    def __init__(self, out_file, reactor, in_io_thread=threadable.isInIOThread):
+        self._file = out_file
+        self._reactor = reactor
+        self._in_io_thread = in_io_thread
+        self._pending = []
+        self._flush_call = None
+        self._lock = threading.Lock()
+        self._second = None
+        self._stamp = None
+
+    def __call__(self, event):
+        text = formatEventAsClassicLogText(event, formatTime=self._time)
+        if text is None:
+            return
+        level = event.get("log_level")
+        with self._lock:
+            self._pending.append(text)
+            if (level is not None and level >= LogLevel.warn) or not self._reactor.running \
+                    or not self._in_io_thread() or len(self._pending) >= MAX_PENDING:
+                self._write_pending()
+            elif self._flush_call is None:
+                self._flush_call = self._reactor.callLater(0, self.flush)
+
+    def flush(self):
+        """Write what is pending now."""
+        with self._lock:
+            self._write_pending()
+
+    def rotate(self):
+        """Rotate the log file (SIGUSR1), after writing what is pending."""
+        self.flush()
+        self._file.rotate()
+
+    def _write_pending(self):
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending = []
+            self._file.write(text)
+            self._file.flush()
+
+    def _time(self, when):
+        # twistd's format has whole seconds: one formatting per second.
+        if when is None:
+            return formatTime(None)
+        second = int(when)
+        if second != self._second:
+            self._stamp = formatTime(float(second))
+            self._second = second
+        return self._stamp
+
+
+def observer_for(server_options, reactor):
+    """The observer for twistd's log as `server_options` (twistd's own
+    options) ask for it, or None where twistd's default must stay: a
+    --logger or --syslog, a daemon told to log to stdout (twistd refuses
+    it), or no twistd options at all."""
+    if server_options is None:
+        return None
+    if server_options.get("logger") or server_options.get("syslog"):
+        return None
+    name = server_options.get("logfile") or ""
+    nodaemon = server_options.get("nodaemon", False)
+    if name == "-" or (nodaemon and not name):
+        if not nodaemon:
+            return None
+        return TurnBufferedLogObserver(sys.stdout, reactor)
+    log_file = LogFile.fromFullPath(name or "twistd.log")
+    observer = TurnBufferedLogObserver(log_file, reactor)
+    # As twistd does: SIGUSR1 rotates, unless something else wants it.
+    if not signal.getsignal(signal.SIGUSR1):
+        signal.signal(signal.SIGUSR1,
+                      lambda signum, frame: reactor.callFromThread(observer.rotate))
+    return observer
+
+
+class LoggingRoot(MultiService):
+    """What `twistd apigw` runs: the gateway, and the observer for twistd's
+    log, given to the application it is put in."""
+
+    def __init__(self, observer):
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent):
+        if self.observer is not None and parent.getComponent(ILogObserver, None) is None:
+            parent.setComponent(ILogObserver, self.observer)
+        return super().setServiceParent(parent)

@@ -1,0 +1,193 @@
+"""twistd's log through apigw.twistd_log: twistd's own lines, one write per
+reactor turn, warnings at once, rotation kept."""
+
+import io
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from twisted.internet import task
+from twisted.logger import LogLevel, textFileLogObserver
+from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+
+from apigw.twistd_log import MAX_PENDING, TurnBufferedLogObserver
+from tests.helpers import TWISTD, free_port, wait_for_port
+
+
+class _Reactor(task.Clock):
+    running = True
+
+
+class _CountingFile(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        return super().write(text)
+
+
+def _events():
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    return [
+        {"log_format": "GET {path} -> {status}", "path": "/svc/x", "status": 200,
+         "log_level": LogLevel.info, "log_namespace": "apigw.access", "log_time": 1800000000.25},
+        {"log_format": "two\nlines", "log_level": LogLevel.info, "log_namespace": "apigw",
+         "log_time": 1800000000.75},
+        {"log_format": "next second", "log_level": LogLevel.info, "log_namespace": "apigw",
+         "log_time": 1800000001.0},
+        {"log_format": "no time", "log_level": LogLevel.info, "log_namespace": "apigw",
+         "log_time": None},
+        {"log_format": "legacy", "log_system": "-", "log_time": 1800000001.5},
+        {"log_format": "it broke", "log_failure": failure, "log_level": LogLevel.critical,
+         "log_namespace": "apigw", "log_time": 1800000002.0},
+        {"log_level": LogLevel.info, "log_namespace": "apigw", "log_time": 1800000002.0},
+    ]
+
+
+def _observer(out, reactor=None, in_io_thread=lambda: True):
+    return TurnBufferedLogObserver(out, reactor or _Reactor(), in_io_thread=in_io_thread)
+
+
+def test_lines_are_exactly_twistds_own():
+    """For the same events, the text is what twistd's default observer writes."""
+    ours, theirs = io.StringIO(), io.StringIO()
+    observer, reference = _observer(ours), textFileLogObserver(theirs)
+    for event in _events():
+        observer(dict(event))
+        reference(dict(event))
+    observer.flush()
+    assert "Traceback" in theirs.getvalue() and "\n\t" in theirs.getvalue()
+    assert ours.getvalue() == theirs.getvalue()
+
+
+def test_info_lines_of_one_turn_go_out_in_one_write_when_it_ends():
+    """Info lines wait for the end of the reactor turn, then go out together, in order."""
+    out, reactor = _CountingFile(), _Reactor()
+    observer = _observer(out, reactor)
+    for n in range(3):
+        observer({"log_format": "line {n}", "n": n, "log_level": LogLevel.info,
+                  "log_namespace": "t", "log_time": 1800000000.0})
+    assert out.writes == 0
+    reactor.advance(0)
+    assert out.writes == 1
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == \
+        ["line 0", "line 1", "line 2"]
+    reactor.advance(0)
+    assert out.writes == 1 and not reactor.getDelayedCalls()
+
+
+def test_a_warning_goes_out_at_once_after_what_is_pending():
+    """A warning is written at once, after the info lines before it, and cancels the turn's flush."""
+    out, reactor = _CountingFile(), _Reactor()
+    observer = _observer(out, reactor)
+    observer({"log_format": "first", "log_level": LogLevel.info, "log_namespace": "t",
+              "log_time": 1.0})
+    observer({"log_format": "trouble", "log_level": LogLevel.warn, "log_namespace": "t",
+              "log_time": 1.0})
+    assert out.writes == 1
+    assert out.getvalue().splitlines()[0].endswith("first")
+    assert out.getvalue().splitlines()[1].endswith("trouble")
+    assert not reactor.getDelayedCalls()
+
+
+@pytest.mark.parametrize("where", ["reactor not running", "another thread"])
+def test_written_at_once_outside_the_running_reactor_thread(where):
+    """Before the reactor runs, after it stopped, or from another thread, lines are written at once."""
+    out, reactor = _CountingFile(), _Reactor()
+    if where == "reactor not running":
+        reactor.running = False
+        observer = _observer(out, reactor)
+    else:
+        observer = _observer(out, reactor, in_io_thread=lambda: False)
+    observer({"log_format": "now", "log_level": LogLevel.info, "log_namespace": "t",
+              "log_time": 1.0})
+    assert out.writes == 1 and out.getvalue().endswith("now\n")
+    assert not reactor.getDelayedCalls()
+
+
+def test_a_long_turn_is_written_without_waiting_for_its_end():
+    """A turn with more than MAX_PENDING lines writes them once that many are pending."""
+    out, reactor = _CountingFile(), _Reactor()
+    observer = _observer(out, reactor)
+    for n in range(MAX_PENDING):
+        observer({"log_format": "x", "log_level": LogLevel.info, "log_namespace": "t",
+                  "log_time": 1.0})
+    assert out.writes == 1
+    assert len(out.getvalue().splitlines()) == MAX_PENDING
+
+
+def test_rotation_writes_what_is_pending_into_the_old_file(tmp_path):
+    """rotate() (SIGUSR1) puts the pending lines in the file being rotated away."""
+    log_file = LogFile.fromFullPath(str(tmp_path / "twistd.log"))
+    observer = _observer(log_file)
+    observer({"log_format": "before", "log_level": LogLevel.info, "log_namespace": "t",
+              "log_time": 1.0})
+    observer.rotate()
+    observer({"log_format": "after", "log_level": LogLevel.warn, "log_namespace": "t",
+              "log_time": 1.0})
+    log_file.close()
+    assert (tmp_path / "twistd.log.1").read_text().endswith("before\n")
+    assert (tmp_path / "twistd.log").read_text().endswith("after\n")
+
+
+def _get(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _wait_for(path, text, proc, timeout_s=20):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        content = path.read_text() if path.exists() else ""
+        if text in content:
+            return content
+        assert proc.poll() is None and time.monotonic() < deadline, content
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_twistd_writes_access_lines_rotates_on_sigusr1_and_logs_its_shutdown(tmp_path):
+    """A real `twistd -n --logfile` writes the access lines to its log,
+    rotates it on SIGUSR1 and still logs its own shutdown."""
+    config = tmp_path / "gw.yaml"
+    config.write_text("services:\n  a:\n    url: http://127.0.0.1:9\n    auth: false\n")
+    logfile = tmp_path / "twistd.log"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "REDIS_URL", "MASTER_KEY")}
+    port = free_port()
+    proc = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "--logfile", str(logfile), "apigw", "--config", str(config),
+         "--port", f"tcp:{port}:interface=127.0.0.1"],
+        cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        assert _get(port, "/nothing-here") == 404
+        _wait_for(logfile, "[apigw.access#info] GET /nothing-here -> 404 (", proc)
+        proc.send_signal(signal.SIGUSR1)
+        _wait_for(tmp_path / "twistd.log.1", "GET /nothing-here -> 404", proc)
+        assert _get(port, "/healthz") == 200
+        assert _get(port, "/still-nothing") == 404
+        _wait_for(logfile, "GET /still-nothing -> 404", proc)
+        assert "GET /nothing-here" not in logfile.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert logfile.read_text().rstrip().endswith("Server Shut Down.")
