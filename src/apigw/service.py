@@ -37,12 +37,16 @@ class GatewayService(MultiService):
     already routed keep the service config they started with.
 
     `client` (the upstream client), `clock` and `jitter` are for tests;
-    `metrics` and `port`/`admin_port` endpoint objects for worker processes.
+    `metrics` and `port`/`admin_port` endpoint objects for worker processes;
+    `heap` (apigw.heap) for the processes that serve, not for tests sharing
+    one Python process.
     """
 
     def __init__(self, config, port="tcp:8000", admin_port=None, access_log=None,
-                 reactor=None, clock=None, metrics=None, client=None, jitter=None):
+                 reactor=None, clock=None, metrics=None, client=None, jitter=None,
+                 heap=None):
         super().__init__()
+        self.heap = heap
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -154,6 +158,8 @@ class GatewayService(MultiService):
             log.error("config reload failed, keeping the old config: {error}", error=str(e))
             raise
         self.apply_config(config)
+        if self.heap is not None:
+            self.heap.reloaded()
         if self.counts_reloads:
             self.metrics.config_reloads.labels("ok").inc()
         log.info("config reloaded: services {services}", services=", ".join(config.services))
@@ -260,6 +266,8 @@ class GatewayService(MultiService):
         if self.announce:
             log_startup(self.config, self._port_description, self._admin_port_description,
                         workers=1)
+        if self.heap is not None:
+            self.heap.settle()
 
     def stopService(self):
         return defer.ensureDeferred(self._stop())
@@ -293,6 +301,8 @@ class GatewayService(MultiService):
             self.key_changes.stop()
         await self.key_store.stop()
         self.access_log.stop()
+        if self.heap is not None:
+            self.heap.stop()
 
     def _close_client_connections(self, timeout_s):
         d = defer.gatherResults([site.close_connections() for site in self.sites],

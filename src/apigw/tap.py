@@ -86,6 +86,7 @@ def makeService(options, reactor=None):
     for option in ("port", "admin-port"):
         if options[option] is not None:
             check_endpoint(reactor, option, options[option])
+    from apigw.heap import Heap
     from apigw.service import GatewayService
     from apigw.signals import stop_once_on_sigterm
 
@@ -98,5 +99,6 @@ def makeService(options, reactor=None):
         admin_port=options["admin-port"],
         access_log=options["access-log"],
         reactor=reactor,
+        heap=Heap(reactor),
     ).setServiceParent(root)
     return root

@@ -168,6 +168,7 @@ class _InheritedUNIXPort(_OneAcceptPerWakeup, unix.Port):
 
 def _make_service(options, reactor):
     from apigw.config import ConfigError, load_config
+    from apigw.heap import Heap
     from apigw.metrics import Metrics
     from apigw.service import GatewayService
 
@@ -188,6 +189,7 @@ def _make_service(options, reactor):
         access_log=options["access-log"],
         reactor=reactor,
         metrics=Metrics(multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"]),
+        heap=Heap(reactor),
     )
     # Each reload reaches every worker (SIGHUP from the supervisor, or the
     # admin call here and SIGHUP to the others): counted once, by worker 1.
