@@ -131,7 +131,7 @@ class FrontChannel(Protocol):
         site = self.site
         end = buffer.find(_END_OF_HEAD)
         if end < 0:
-            if len(buffer) > site.max_line_bytes or b"\n\n" in buffer:
+            if len(buffer) > site.max_line_bytes or buffer.find(b"\n\n") >= 0:
                 # Maybe a line too long, maybe bare-LF line ends: twisted.web's
                 # parser says which, and how to answer it.
                 self._hand_over()
@@ -159,8 +159,11 @@ class FrontChannel(Protocol):
                 return None
         lines = head.count(b"\n")
         # Only CRLF line ends, no folded (obs-fold) header lines.
+        # find(), not `in`: CPython 3.11's bytes `in` bytes raises and clears
+        # a TypeError inside (it tries an int first), several times a request.
         if head.count(b"\r") != lines or head.count(b"\r\n") != lines \
-                or b"\n " in head or b"\n\t" in head or lines - 2 > site.max_headers:
+                or head.find(b"\n ") >= 0 or head.find(b"\n\t") >= 0 \
+                or lines - 2 > site.max_headers:
             return None
         fields = _HeadParser()
         parser = httptools.HttpRequestParser(fields)
