@@ -50,6 +50,25 @@ def _events():
         {"log_format": "it broke", "log_failure": failure, "log_level": LogLevel.critical,
          "log_namespace": "apigw", "log_time": 1800000002.0},
         {"log_level": LogLevel.info, "log_namespace": "apigw", "log_time": 1800000002.0},
+        {"log_format": "{access_text}", "access_text": "GET /a -> 200 (1.5 ms)",
+         "access": {"status": 200}, "log_level": LogLevel.info,
+         "log_namespace": "apigw.access", "log_time": 1800000002.5},
+        {"log_format": "{log_text}", "log_text": "legacy\nmulti-line", "log_system": "-",
+         "log_time": 1800000003.0},
+        {"log_format": "{n}", "n": 42, "log_level": LogLevel.warn, "log_namespace": "t",
+         "log_time": 1800000003.0},
+        {"log_format": "{absent}", "log_level": LogLevel.info, "log_namespace": "t",
+         "log_time": 1800000003.0},
+        {"log_format": "{empty}", "empty": "", "log_level": LogLevel.info,
+         "log_namespace": "t", "log_time": 1800000003.0},
+        {"log_format": "{{braces}} {n!r:>5}", "n": 7, "log_namespace": "t",
+         "log_time": 1800000003.0},
+        {"log_format": "", "log_level": LogLevel.info, "log_time": 1800000003.0},
+        {"log_format": "no namespace, no level", "log_time": 1800000003.0},
+        {"log_format": "system of its own", "log_system": "worker 2", "log_level": LogLevel.info,
+         "log_namespace": "ignored", "log_time": 1800000004.0},
+        {"log_format": "{access_text}", "access_text": "with\nnewline", "log_system": "a\nb",
+         "log_time": 1800000004.0},
     ]
 
 
@@ -66,6 +85,8 @@ def test_lines_are_exactly_twistds_own():
         reference(dict(event))
     observer.flush()
     assert "Traceback" in theirs.getvalue() and "\n\t" in theirs.getvalue()
+    assert "Unable to format event" in theirs.getvalue()  # {absent}
+    assert ours.getvalue().splitlines() == theirs.getvalue().splitlines()
     assert ours.getvalue() == theirs.getvalue()
 
 
