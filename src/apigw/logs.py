@@ -8,8 +8,9 @@ pure JSON in that file, so log shippers need no parsing.
 import json
 import re
 import sys
+import time
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from apigw.keys import KEY_MARK
 
@@ -74,9 +75,17 @@ class AccessLog:
         if path and KEY_MARK in path:
             access = dict(access, path=redact(path))
         if self._destination is None:
-            self._log.info(_FORMAT, access=access, access_text="%s %s -> %s (%s ms)" % (
-                access.get("method"), access.get("path"), access.get("status"),
-                access.get("latency_ms")))
+            # The event Logger.info() would emit, without its check that
+            # the level is a LogLevel (a walk over all of them, per record).
+            log = self._log
+            log.observer({
+                "access": access,
+                "access_text": "%s %s -> %s (%s ms)" % (
+                    access.get("method"), access.get("path"), access.get("status"),
+                    access.get("latency_ms")),
+                "log_logger": log, "log_level": LogLevel.info, "log_namespace": log.namespace,
+                "log_source": None, "log_format": _FORMAT, "log_time": time.time(),
+            })
         else:
             self._write(access)
 

@@ -30,6 +30,8 @@ from zope.interface import implementer
 # More lines than this in one turn are written without waiting for its end.
 MAX_PENDING = 256
 
+_AT_ONCE = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
+
 # log_format -> the one field it shows, "" for plain text, None for any
 # other format (Twisted's own formatting then).
 _SIMPLE = {}
@@ -65,7 +67,7 @@ class TurnBufferedLogObserver:
         level = event.get("log_level")
         with self._lock:
             self._pending.append(text)
-            if (level is not None and level >= LogLevel.warn) or not self._reactor.running \
+            if level in _AT_ONCE or not self._reactor.running \
                     or not self._in_io_thread() or len(self._pending) >= MAX_PENDING:
                 self._write_pending()
             elif self._flush_call is None:
