@@ -38,3 +38,29 @@ def test_each_record_is_the_line_json_dumps_makes(records):
         for field, value in record.items():
             if not (isinstance(value, float) and math.isnan(value)):
                 assert loaded[field] == value
+
+
+def test_lines_wait_for_the_flush_interval_or_a_full_batch_or_stop(tmp_path):
+    """With a clock, records reach the file together flush_interval_s after the first, at once when max_pending pile up, and on stop()."""
+    from twisted.internet import task
+
+    clock = task.Clock()
+    path = tmp_path / "access.log"
+    access = AccessLog(str(path), clock)
+    access.start()
+    try:
+        access.record({"path": "/a"})
+        access.record({"path": "/b"})
+        clock.advance(access.flush_interval_s * 0.99)
+        assert path.read_text() == ""
+        clock.advance(access.flush_interval_s * 0.01)
+        assert path.read_text() == '{"path":"/a"}\n{"path":"/b"}\n'
+        for n in range(access.max_pending):
+            access.record({"n": n})
+        assert len(path.read_text().splitlines()) == 2 + access.max_pending
+        assert not clock.getDelayedCalls()
+        access.record({"path": "/last"})
+    finally:
+        access.stop()
+    assert path.read_text().endswith('{"path":"/last"}\n')
+    assert not clock.getDelayedCalls()

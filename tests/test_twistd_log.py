@@ -1,5 +1,5 @@
-"""twistd's log through apigw.twistd_log: twistd's own lines, one write per
-reactor turn, warnings at once, rotation kept."""
+"""twistd's log through apigw.twistd_log: twistd's own lines, info lines
+written in batches, warnings at once, rotation kept."""
 
 import io
 import os
@@ -14,7 +14,7 @@ from twisted.logger import LogLevel, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
-from apigw.twistd_log import MAX_PENDING, TurnBufferedLogObserver
+from apigw.twistd_log import FLUSH_INTERVAL_S, MAX_PENDING, BatchedLogObserver
 from tests.helpers import TWISTD, free_port, wait_for_port
 
 
@@ -73,7 +73,7 @@ def _events():
 
 
 def _observer(out, reactor=None, in_io_thread=lambda: True):
-    return TurnBufferedLogObserver(out, reactor or _Reactor(), in_io_thread=in_io_thread)
+    return BatchedLogObserver(out, reactor or _Reactor(), in_io_thread=in_io_thread)
 
 
 def test_lines_are_exactly_twistds_own():
@@ -90,24 +90,25 @@ def test_lines_are_exactly_twistds_own():
     assert ours.getvalue() == theirs.getvalue()
 
 
-def test_info_lines_of_one_turn_go_out_in_one_write_when_it_ends():
-    """Info lines wait for the end of the reactor turn, then go out together, in order."""
+def test_info_lines_go_out_together_within_the_flush_interval():
+    """Info lines wait up to FLUSH_INTERVAL_S after the first of them, then go out in one write, in order."""
     out, reactor = _CountingFile(), _Reactor()
     observer = _observer(out, reactor)
     for n in range(3):
         observer({"log_format": "line {n}", "n": n, "log_level": LogLevel.info,
                   "log_namespace": "t", "log_time": 1800000000.0})
+    reactor.advance(FLUSH_INTERVAL_S * 0.99)
     assert out.writes == 0
-    reactor.advance(0)
+    reactor.advance(FLUSH_INTERVAL_S * 0.01)
     assert out.writes == 1
     assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == \
         ["line 0", "line 1", "line 2"]
-    reactor.advance(0)
+    reactor.advance(FLUSH_INTERVAL_S)
     assert out.writes == 1 and not reactor.getDelayedCalls()
 
 
 def test_a_warning_goes_out_at_once_after_what_is_pending():
-    """A warning is written at once, after the info lines before it, and cancels the turn's flush."""
+    """A warning is written at once, after the info lines before it, and cancels the pending flush."""
     out, reactor = _CountingFile(), _Reactor()
     observer = _observer(out, reactor)
     observer({"log_format": "first", "log_level": LogLevel.info, "log_namespace": "t",
@@ -135,8 +136,8 @@ def test_written_at_once_outside_the_running_reactor_thread(where):
     assert not reactor.getDelayedCalls()
 
 
-def test_a_long_turn_is_written_without_waiting_for_its_end():
-    """A turn with more than MAX_PENDING lines writes them once that many are pending."""
+def test_a_burst_is_written_without_waiting():
+    """MAX_PENDING info lines are written as soon as that many are pending."""
     out, reactor = _CountingFile(), _Reactor()
     observer = _observer(out, reactor)
     for n in range(MAX_PENDING):

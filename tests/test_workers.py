@@ -198,6 +198,11 @@ async def test_both_workers_serve_and_metrics_are_totals(tmp_path, upstream, sup
         assert 'gateway_request_latency_seconds_count{service="svc"} 8.0' in text
         assert "gateway_in_flight_requests 0.0" in text
     assert len(upstream.requests) == 8
+    # Each worker writes its records in batches, at most 0.1 s apart.
+    deadline = reactor.seconds() + 5
+    while len(access_log.read_text().splitlines()) < 8:
+        assert reactor.seconds() < deadline
+        await sleep(0.02)
     records = [json.loads(line) for line in access_log.read_text().splitlines()]
     assert [r["path"] for r in records].count("/svc/x") == 7 and len(records) == 8
     if shutil.which("promtool"):

@@ -40,12 +40,15 @@ def redact(text):
 class AccessLog:
     """Access records: to twistd's log, or as JSON lines to a file.
 
-    With a file and a clock, the lines of one reactor turn go out in one
-    write at the end of it, instead of one write(2) per request; the file
-    is flushed before the turn's responses are even sent.
+    With a file and a clock, lines are written together at most
+    `flush_interval_s` after the first of them (at once when `max_pending`
+    pile up), not one write(2) per request: a write per reactor turn still
+    cost 4 µs a request at 10 connections. stop() writes the rest; a
+    process killed outright loses at most that interval's records.
     """
 
-    # A burst this large is written at once rather than held for the turn.
+    flush_interval_s = 0.1
+    # A burst this large is written at once rather than held.
     max_pending = 256
 
     def __init__(self, destination=None, clock=None):
@@ -96,7 +99,7 @@ class AccessLog:
         if self._clock is None or len(self._pending) >= self.max_pending:
             self._flush()
         elif self._flush_call is None:
-            self._flush_call = self._clock.callLater(0, self._flush)
+            self._flush_call = self._clock.callLater(self.flush_interval_s, self._flush)
 
     def _flush(self):
         if self._flush_call is not None:
