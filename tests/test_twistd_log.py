@@ -14,7 +14,14 @@ from twisted.logger import LogLevel, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
-from apigw.twistd_log import FLUSH_INTERVAL_S, MAX_PENDING, BatchedLogObserver
+from apigw.twistd_log import (
+    _SIMPLE,
+    FLUSH_INTERVAL_S,
+    MAX_FORMATS,
+    MAX_PENDING,
+    BatchedLogObserver,
+    observer_for,
+)
 from tests.helpers import TWISTD, free_port, wait_for_port
 
 
@@ -134,6 +141,62 @@ def test_written_at_once_outside_the_running_reactor_thread(where):
               "log_time": 1.0})
     assert out.writes == 1 and out.getvalue().endswith("now\n")
     assert not reactor.getDelayedCalls()
+
+
+def test_a_line_from_another_thread_is_written_at_once_and_leaves_the_timer_be():
+    """A line from a thread other than the reactor's goes out at once with what
+    is pending; the reactor's timer is not touched from there and later
+    finds nothing to write."""
+    out, reactor = _CountingFile(), _Reactor()
+    on_reactor = [True]
+    observer = _observer(out, reactor, in_io_thread=lambda: on_reactor[0])
+    observer({"log_format": "first", "log_level": LogLevel.info, "log_namespace": "t",
+              "log_time": 1.0})
+    on_reactor[0] = False
+    observer({"log_format": "from a thread", "log_level": LogLevel.info, "log_namespace": "t",
+              "log_time": 1.0})
+    assert out.writes == 1 and out.getvalue().endswith("first\n" + out.getvalue().splitlines()[1] + "\n")
+    assert len(reactor.getDelayedCalls()) == 1
+    on_reactor[0] = True
+    reactor.advance(FLUSH_INTERVAL_S)
+    assert out.writes == 1 and len(out.getvalue().splitlines()) == 2
+
+
+def test_formats_made_per_event_are_not_kept():
+    """A program that logs a fresh format string each time does not grow the format cache past its bound."""
+    observer = _observer(io.StringIO())
+    for n in range(MAX_FORMATS + 50):
+        observer({"log_format": f"made per event {n}", "log_level": LogLevel.info,
+                  "log_namespace": "t", "log_time": 1.0})
+    assert len(_SIMPLE) <= MAX_FORMATS
+
+
+def test_only_twistds_own_options_get_an_observer(tmp_path, monkeypatch):
+    """Without twistd's options (`twist`, or makeService called directly) no
+    observer is made, no file opened and SIGUSR1 left alone; twistd's -n
+    with --logfile gets one writing to that file."""
+    from twisted.python import usage
+    from twisted.scripts.twistd import ServerOptions
+
+    monkeypatch.chdir(tmp_path)
+    usr1 = signal.getsignal(signal.SIGUSR1)
+    assert observer_for(None, _Reactor()) is None
+    assert observer_for(usage.Options(), _Reactor()) is None  # `twist`'s, say
+    assert observer_for({"logfile": "x.log", "nodaemon": True}, _Reactor()) is None
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGUSR1) == usr1
+    options = ServerOptions()
+    options.parseOptions(["-n", "--logfile", str(tmp_path / "t.log")])
+    try:
+        observer = observer_for(options, _Reactor())
+        assert isinstance(observer, BatchedLogObserver)
+        observer({"log_format": "hello", "log_level": LogLevel.warn, "log_namespace": "t",
+                  "log_time": 1.0})
+        assert (tmp_path / "t.log").read_text().endswith("[t#warn] hello\n")
+    finally:
+        signal.signal(signal.SIGUSR1, usr1)
+    syslog = ServerOptions()
+    syslog.parseOptions(["--syslog"])
+    assert observer_for(syslog, _Reactor()) is None
 
 
 def test_a_burst_is_written_without_waiting():

@@ -14,7 +14,11 @@ make almost no cyclic garbage; what they make is still collected.
 
 What a reload replaces was frozen too, and any cycle in it would never be
 collected: a while after each reload (the old config's requests are over
-by then), the heap is unfrozen, collected and frozen again, once.
+by then), the heap is unfrozen, collected and frozen again, once. The
+requests in flight at that moment are frozen with it; they are freed as
+usual when they end, since they break their own reference cycles (over
+80,000 requests the collector found fewer than 3,000 objects to collect),
+so at most a handful of objects per reload stay behind.
 """
 
 import gc

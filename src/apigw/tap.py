@@ -74,15 +74,10 @@ def makeService(options, reactor=None):
         config = load_config(options["config"], environ=os.environ)
     except ConfigError as e:
         _refuse(str(e))
-    from apigw.twistd_log import LoggingRoot, observer_for
-
-    # twistd's own options (--logfile, --nodaemon) are the parent's.
-    root = LoggingRoot(observer_for(getattr(options, "parent", None), reactor))
     if options["workers"] > 1:
         from apigw.workers import make_supervisor
 
-        make_supervisor(options, config, reactor).setServiceParent(root)
-        return root
+        return _root(options, reactor, make_supervisor(options, config, reactor))
     for option in ("port", "admin-port"):
         if options[option] is not None:
             check_endpoint(reactor, option, options[option])
@@ -93,12 +88,22 @@ def makeService(options, reactor=None):
     # twistd installs its SIGTERM handler as the reactor starts; ours
     # replaces it then.
     reactor.callWhenRunning(stop_once_on_sigterm, reactor)
-    GatewayService(
+    return _root(options, reactor, GatewayService(
         config,
         port=options["port"],
         admin_port=options["admin-port"],
         access_log=options["access-log"],
         reactor=reactor,
         heap=Heap(reactor),
-    ).setServiceParent(root)
+    ))
+
+
+def _root(options, reactor, service):
+    """`service` under the root twistd runs, once nothing is left to refuse:
+    the observer for twistd's log opens its file and takes SIGUSR1."""
+    from apigw.twistd_log import LoggingRoot, observer_for
+
+    # twistd's own options (--logfile, --nodaemon) are the parent's.
+    root = LoggingRoot(observer_for(getattr(options, "parent", None), reactor))
+    service.setServiceParent(root)
     return root

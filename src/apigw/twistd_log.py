@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 
+from twisted.application.app import ServerOptions
 from twisted.application.service import MultiService
 from twisted.logger import ILogObserver, LogLevel, formatEventAsClassicLogText, formatTime
 from twisted.python import threadable
@@ -38,6 +39,7 @@ _AT_ONCE = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
 # log_format -> the one field it shows, "" for plain text, None for any
 # other format (Twisted's own formatting then).
 _SIMPLE = {}
+MAX_FORMATS = 1000
 _UNKNOWN = object()
 _ONE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 
@@ -60,36 +62,44 @@ class BatchedLogObserver:
         self._pending = []
         self._flush_call = None
         self._lock = threading.Lock()
-        self._second = None
-        self._stamp = None
+        # (whole second, its text): one tuple, so that threads never see a
+        # second paired with another second's text.
+        self._stamp = (None, None)
 
     def __call__(self, event):
         text = self._text(event)
         if text is None:
             return
         level = event.get("log_level")
+        in_io_thread = self._in_io_thread()
         with self._lock:
             self._pending.append(text)
-            if level in _AT_ONCE or not self._reactor.running \
-                    or not self._in_io_thread() or len(self._pending) >= MAX_PENDING:
+            if not in_io_thread:
+                # Written now; a pending timer stays (the reactor's timers
+                # are not for other threads to cancel) and finds nothing.
+                self._write_pending(cancel_timer=False)
+            elif level in _AT_ONCE or not self._reactor.running \
+                    or len(self._pending) >= MAX_PENDING:
                 self._write_pending()
             elif self._flush_call is None:
                 self._flush_call = self._reactor.callLater(FLUSH_INTERVAL_S, self.flush)
 
     def flush(self):
-        """Write what is pending now."""
+        """Write what is pending now (in the reactor thread)."""
         with self._lock:
             self._write_pending()
 
     def rotate(self):
         """Rotate the log file (SIGUSR1), after writing what is pending."""
-        self.flush()
-        self._file.rotate()
+        with self._lock:
+            self._write_pending()
+            self._file.rotate()
 
-    def _write_pending(self):
-        call, self._flush_call = self._flush_call, None
-        if call is not None and call.active():
-            call.cancel()
+    def _write_pending(self, cancel_timer=True):
+        if cancel_timer:
+            call, self._flush_call = self._flush_call, None
+            if call is not None and call.active():
+                call.cancel()
         if self._pending:
             text = "".join(self._pending)
             self._pending = []
@@ -105,7 +115,9 @@ class BatchedLogObserver:
         fmt = event.get("log_format")
         field = _SIMPLE.get(fmt, _UNKNOWN) if fmt.__class__ is str else None
         if field is _UNKNOWN:
-            field = _SIMPLE[fmt] = _simple_field(fmt) if len(_SIMPLE) < 1000 else None
+            field = _simple_field(fmt)
+            if len(_SIMPLE) < MAX_FORMATS:  # formats made per event are not kept
+                _SIMPLE[fmt] = field
         if field is None or "log_failure" in event or "log_flattened" in event:
             return formatEventAsClassicLogText(event, formatTime=self._time)
         if field:
@@ -136,18 +148,18 @@ class BatchedLogObserver:
         if when is None:
             return formatTime(None)
         second = int(when)
-        if second != self._second:
-            self._stamp = formatTime(float(second))
-            self._second = second
-        return self._stamp
+        stamp = self._stamp
+        if second != stamp[0]:
+            stamp = self._stamp = (second, formatTime(float(second)))
+        return stamp[1]
 
 
 def observer_for(server_options, reactor):
     """The observer for twistd's log as `server_options` (twistd's own
     options) ask for it, or None where twistd's default must stay: a
     --logger or --syslog, a daemon told to log to stdout (twistd refuses
-    it), or no twistd options at all."""
-    if server_options is None:
+    it), or options that are not twistd's (`twist`, or none at all)."""
+    if not isinstance(server_options, ServerOptions):
         return None
     if server_options.get("logger") or server_options.get("syslog"):
         return None

@@ -97,7 +97,8 @@ class _OutOfStep(Exception):
 
 # Every complete body ends with this one Failure: it carries no traceback,
 # and building a Failure per response cost more than the rest of the
-# end-of-body path.
+# end-of-body path. Body protocols only look at it: never raise it or
+# errback a Deferred with it (it would keep that request's frames).
 _DONE = Failure(ResponseDone("Response body fully received"))
 
 
