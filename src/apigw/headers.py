@@ -101,24 +101,25 @@ def response_header_pairs(raw_headers, status):
     caller can tell what the upstream already set.
     """
     listed = None
-    for name, value in raw_headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            if listed is None:
-                listed = set()
-            listed |= connection_tokens((value,))
-    if status == 204:
-        # RFC 9110 8.6: never a Content-Length on a 204, whatever upstream says.
-        listed = (listed or set()) | {b"content-length"}
     pairs = []
     names = set()
     for name, value in raw_headers:
         lower = name.lower()
         if lower in _NOT_RETURNED or lower.startswith(b"proxy-"):
-            continue
-        if listed is not None and lower in listed:
+            if lower == b"connection":
+                listed = connection_tokens((value,)) if listed is None \
+                    else listed | connection_tokens((value,))
             continue
         pairs.append((name, value))
         names.add(lower)
+    if status == 204:
+        # RFC 9110 8.6: never a Content-Length on a 204, whatever upstream says.
+        listed = (listed or set()) | {b"content-length"}
+    # Names listed in Connection are hop-by-hop too, wherever they came in
+    # the head (nginx's "Connection: keep-alive" lists none that is kept).
+    if listed is not None and not listed.isdisjoint(names):
+        pairs = [(name, value) for name, value in pairs if name.lower() not in listed]
+        names -= listed
     return pairs, names
 
 

@@ -500,7 +500,10 @@ class UpstreamConnection(Protocol):
         if headers is None:
             return  # a chunked body's trailers
         headers.append((name, value))
-        self._count_head(len(name) + len(value) + 4)
+        # _count_head, inline: this runs for every header of every response.
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head_bytes:
+            raise HeadTooLarge(f"a response head over {self._max_head_bytes} bytes")
         if len(headers) > self._max_headers:
             raise HeadTooLarge(f"more than {self._max_headers} header lines")
         size = len(name)
