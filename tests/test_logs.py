@@ -64,3 +64,39 @@ def test_lines_wait_for_the_flush_interval_or_a_full_batch_or_stop(tmp_path):
         access.stop()
     assert path.read_text().endswith('{"path":"/last"}\n')
     assert not clock.getDelayedCalls()
+
+
+_FLOATS = st.floats(allow_nan=True, allow_infinity=True)
+_ACCOUNTED = st.fixed_dictionaries({
+    "request_id": st.text(), "method": st.text(), "path": st.text(), "service": st.text(),
+    "status": st.integers(), "latency_ms": _FLOATS, "upstream_latency_ms": st.none() | _FLOATS,
+    "attempts": st.integers(), "client_ip": st.text(), "consumer": st.none() | st.text(),
+    "bytes_sent": st.integers(), "bytes_received": st.integers(),
+    "duration_ms": st.none() | _FLOATS, "error": st.none() | st.text(),
+})
+
+
+@settings(max_examples=500, deadline=None)
+@given(_ACCOUNTED | st.fixed_dictionaries({field: _VALUES for field in ACCESS_FIELDS}))
+def test_the_usual_records_template_writes_what_json_dumps_does(record):
+    """Records shaped as Accounting makes them (any text, any int, any float including NaN and infinities, None where allowed) and records of any values come out as json.dumps writes them."""
+    from apigw.logs import json_line
+
+    assert json_line(record) == json.dumps(record, separators=(",", ":"))
+    assert json_line(dict(reversed(record.items()))) == \
+        json.dumps(dict(reversed(record.items())), separators=(",", ":"))
+
+
+def test_an_accounted_record_takes_the_template():
+    """A record of the usual shape is not handed to the encoder."""
+    from unittest import mock
+
+    from apigw import logs
+
+    record = dict(zip(ACCESS_FIELDS, (
+        "5f0c", "GET", "/bench/\u00e9\"", "bench", 200, 1.25, None, 1, "127.0.0.1", "bench",
+        612, 0, None, "cut\nshort")))
+    with mock.patch.object(logs, "_ENCODER") as encoder:
+        line = logs.json_line(record)
+    assert not encoder.encode.called
+    assert line == json.dumps(record, separators=(",", ":"))

@@ -9,6 +9,7 @@ import json
 import re
 import sys
 import time
+from json.encoder import encode_basestring_ascii
 
 from twisted.logger import Logger, LogLevel
 
@@ -21,6 +22,7 @@ ACCESS_FIELDS = (
 )
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+_string = encode_basestring_ascii
 
 # The line twistd's log shows, built here: formatting four nested fields
 # ("{access[method]}"...) through twisted.logger costs three times as much.
@@ -28,6 +30,44 @@ _FORMAT = "{access_text}"
 
 # An API key wherever a client put it (a query string, a path segment).
 _KEY_SHAPED = re.compile(re.escape(KEY_MARK) + r"[A-Za-z0-9_-]{43,}")
+
+
+# The usual record, as the encoder writes it: Accounting's fields in its
+# order, strings escaped by json's own C function, numbers by their repr.
+_LINE = ('{"request_id":%s,"method":%s,"path":%s,"service":%s,"status":%d,"latency_ms":%r,'
+         '"upstream_latency_ms":%s,"attempts":%d,"client_ip":%s,"consumer":%s,"bytes_sent":%d,'
+         '"bytes_received":%d,"duration_ms":%s,"error":%s}')
+_FIELD_LIST = list(ACCESS_FIELDS)
+# Finite floats only: the encoder writes NaN and Infinity its own way.
+_HUGE = 1.8e308
+
+
+def json_line(access):
+    """`access` as _ENCODER.encode() writes it. The usual record (the
+    fields of ACCESS_FIELDS in that order, of the types Accounting gives
+    them) is filled into a template: half the encoder's time, which was 4%
+    of a request's. Any other record goes through the encoder."""
+    if list(access) != _FIELD_LIST:
+        return _ENCODER.encode(access)
+    (request_id, method, path, service, status, latency, upstream, attempts, client_ip,
+     consumer, sent, received, duration, error) = access.values()
+    if not (request_id.__class__ is str and method.__class__ is str
+            and path.__class__ is str and service.__class__ is str
+            and client_ip.__class__ is str and status.__class__ is int
+            and attempts.__class__ is int and sent.__class__ is int
+            and received.__class__ is int
+            and latency.__class__ is float and -_HUGE < latency < _HUGE
+            and (upstream is None or (upstream.__class__ is float and -_HUGE < upstream < _HUGE))
+            and (duration is None or (duration.__class__ is float and -_HUGE < duration < _HUGE))
+            and (consumer is None or consumer.__class__ is str)
+            and (error is None or error.__class__ is str)):
+        return _ENCODER.encode(access)
+    return _LINE % (
+        _string(request_id), _string(method), _string(path), _string(service), status, latency,
+        "null" if upstream is None else repr(upstream), attempts, _string(client_ip),
+        "null" if consumer is None else _string(consumer), sent, received,
+        "null" if duration is None else repr(duration),
+        "null" if error is None else _string(error))
 
 
 def redact(text):
@@ -95,7 +135,7 @@ class AccessLog:
     def _write(self, access):
         if self._file is None:
             return
-        self._pending.append(_ENCODER.encode(access))
+        self._pending.append(json_line(access))
         if self._clock is None or len(self._pending) >= self.max_pending:
             self._flush()
         elif self._flush_call is None:
