@@ -194,6 +194,14 @@ class _Slow(Resource):
         return NOT_DONE_YET
 
 
+def _slow_gateway(tmp_path):
+    """A _Slow upstream, and a gateway (starting) with one service on it."""
+    upstream_port = reactor.listenTCP(0, Site(_Slow()), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{upstream_port.getHost().port}"
+    return upstream_port, _Gateway(
+        tmp_path, f"services:\n  slow:\n    url: \"{url}\"\n    auth: false\n")
+
+
 @pytest_twisted.ensureDeferred
 async def test_sigterm_lets_in_flight_responses_reach_the_clients(tmp_path):
     """When SIGTERM arrives while requests wait on their upstream, each client still gets its response and twistd exits 0."""
@@ -201,9 +209,7 @@ async def test_sigterm_lets_in_flight_responses_reach_the_clients(tmp_path):
     from twisted.internet.task import deferLater
     from twisted.web.client import HTTPConnectionPool
 
-    upstream_port = reactor.listenTCP(0, Site(_Slow()), interface="127.0.0.1")
-    url = f"http://127.0.0.1:{upstream_port.getHost().port}"
-    gw = _Gateway(tmp_path, f"services:\n  slow:\n    url: \"{url}\"\n    auth: false\n")
+    upstream_port, gw = _slow_gateway(tmp_path)
     try:
         await _in_thread(gw.wait)
         # Keep-alive clients, as most are: nothing asks for a close.
@@ -229,9 +235,7 @@ async def test_a_second_sigterm_while_draining_changes_nothing(tmp_path):
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.task import deferLater
 
-    upstream_port = reactor.listenTCP(0, Site(_Slow()), interface="127.0.0.1")
-    url = f"http://127.0.0.1:{upstream_port.getHost().port}"
-    gw = _Gateway(tmp_path, f"services:\n  slow:\n    url: \"{url}\"\n    auth: false\n")
+    upstream_port, gw = _slow_gateway(tmp_path)
     try:
         await _in_thread(gw.wait)
         in_flight = ensureDeferred(http("GET", gw.base + "/slow/x"))
