@@ -527,29 +527,26 @@ class Authenticator:
         """
         if not raw_key:
             raise AuthFailure("missing")
+        # Only keys of the right shape are ever cached, so a hot key is found
+        # by its hash alone, before it is decoded and matched again: the
+        # hash of ASCII bytes as sent is hash_key() of their text.
         if isinstance(raw_key, bytes):
-            # Only keys of the right shape are ever cached, so a hot key is
-            # found by its hash alone, before decoding and matching it
-            # again: the hash of ASCII bytes as sent is hash_key() of their text.
             key_hash = hashlib.sha256(raw_key).hexdigest()
-            now = self._clock.seconds()
-            record = self._cached(key_hash, now)
-            if record is not _MISS:
-                return self._check(record, service, now)
+        elif raw_key.isascii():
+            key_hash = hash_key(raw_key)
+        else:
+            raise AuthFailure("invalid")  # no key has other characters
+        now = self._clock.seconds()
+        record = self._cached(key_hash, now)
+        if record is not _MISS:
+            return self._check(record, service, now)
+        if isinstance(raw_key, bytes):
             try:
                 raw_key = raw_key.decode("ascii")
             except UnicodeDecodeError:
                 raise AuthFailure("invalid") from None
-            if not KEY_SHAPE.match(raw_key):
-                raise AuthFailure("invalid")
-        else:
-            if not KEY_SHAPE.match(raw_key):
-                raise AuthFailure("invalid")
-            key_hash = hash_key(raw_key)
-            now = self._clock.seconds()
-            record = self._cached(key_hash, now)
-            if record is not _MISS:
-                return self._check(record, service, now)
+        if not KEY_SHAPE.match(raw_key):
+            raise AuthFailure("invalid")
         record = await self._lookup(key_hash)
         return self._check(record, service, self._clock.seconds())
 
