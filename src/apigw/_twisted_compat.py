@@ -121,6 +121,10 @@ def write_at_once(transport, data):
     sent (a full socket buffer, an error) goes to write() as before, which
     also reports a broken connection the usual way; TLS and other
     transports always do.
+
+    Not apigw.sendnow.SendNow, which needs no private state because it is
+    its connection's only writer: txredisapi writes to this transport too
+    (script loads, PING), so whether anything waits must be asked of it.
     """
     if (
         isinstance(transport, tcp.Connection)
