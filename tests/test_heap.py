@@ -95,21 +95,24 @@ service.startService()
 print(gc.get_freeze_count() > 1000, gc.get_threshold()[0], flush=True)
 reactor.callLater(0, reactor.stop)
 reactor.run()
+# Its reactor hands events straight to their handlers (apigw._twisted_compat).
+print("doIteration" in vars(reactor), flush=True)
 """
 
 
 @pytest.mark.slow
 def test_the_served_process_freezes_its_heap_but_test_gateways_do_not(tmp_path):
-    """`twistd apigw`'s service freezes the heap when it starts; a
-    GatewayService built without a heap (as tests build it) leaves the
-    collector alone."""
+    """`twistd apigw`'s service freezes the heap when it starts (and its
+    reactor dispatches events directly); a GatewayService built without a
+    heap (as tests build it) leaves the collector alone."""
     config = tmp_path / "gw.yaml"
     config.write_text("services:\n  a:\n    url: http://127.0.0.1:9\n    auth: false\n")
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATABASE_URL", "REDIS_URL", "MASTER_KEY")}
     out = subprocess.run([sys.executable, "-c", _PROBE, str(config)], cwd=str(tmp_path),
                          env=env, capture_output=True, text=True, timeout=60)
-    test_gateway, served = out.stdout.splitlines()
+    test_gateway, served, direct_dispatch = out.stdout.splitlines()
     assert test_gateway == f"0 {gc.get_threshold()[0]}", out.stderr
     assert gc.get_threshold()[0] != YOUNG_THRESHOLD
     assert served == f"True {YOUNG_THRESHOLD}", out.stderr
+    assert direct_dispatch == "True", out.stderr

@@ -10,6 +10,8 @@ import socket
 import stat
 import sys
 
+import pytest
+
 from twisted.application import app
 from twisted.internet import protocol, tcp
 from twisted.internet.address import IPv4Address
@@ -20,7 +22,8 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from apigw._twisted_compat import (
-    clear_exit_signal, request_line, start_response, take_unread_bytes, write_at_once,
+    clear_exit_signal, dispatch_without_log_context, request_line, start_response,
+    take_unread_bytes, write_at_once,
 )
 from apigw.worker import InheritedSocketEndpoint, _InheritedTCPPort, _InheritedUNIXPort
 
@@ -338,3 +341,88 @@ def test_write_at_once_leaves_a_full_or_closing_connection_to_write():
     finally:
         transport.socket.close()
         peer.close()
+
+
+# --- dispatch_without_log_context -------------------------------------------------
+
+class _Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        if data == b"boom":
+            raise RuntimeError("the handler failed")
+        self.transport.write(data)
+
+
+def _turn_until(reactor, done, turns=100):
+    for _ in range(turns):
+        if done():
+            return
+        reactor.runUntilCurrent()
+        reactor.doIteration(0.02)
+    raise AssertionError("the reactor never got there")
+
+
+def _reader(sock):
+    got = []
+
+    def read():
+        try:
+            got.append(sock.recv(100))
+        except BlockingIOError:
+            return False
+        return True
+    return got, read
+
+
+def test_dispatch_without_log_context_hands_each_event_to_its_handler(monkeypatch):
+    """An epoll reactor so changed accepts, reads and writes without ever
+    calling callWithLogger; a protocol that raises is disconnected and its
+    error logged, as the stock doPoll() does, and the others go on."""
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.logger import globalLogPublisher
+    from twisted.python import log as legacy_log
+
+    reactor = EPollReactor()
+    assert dispatch_without_log_context(reactor)
+    monkeypatch.setattr(legacy_log, "callWithLogger",
+                        lambda *a, **kw: pytest.fail("callWithLogger was called"))
+    errors = []
+    observer = lambda event: event.get("isError") and errors.append(event)  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
+    clients = []
+    try:
+        for _ in range(2):
+            client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+            client.setblocking(False)
+            clients.append(client)
+        good, bad = clients
+        good.sendall(b"hello")
+        got, read = _reader(good)
+        _turn_until(reactor, read)
+        assert got == [b"hello"]
+        bad.sendall(b"boom")
+        closed, read_bad = _reader(bad)
+        _turn_until(reactor, read_bad)
+        assert closed == [b""]  # disconnected
+        assert any("the handler failed" in str(e.get("failure", "")) for e in errors), errors
+        good.sendall(b"again")
+        got.clear()
+        _turn_until(reactor, read)
+        assert got == [b"again"]
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        for client in clients:
+            client.close()
+        port.stopListening()
+        reactor.disconnectAll()
+        reactor._poller.close()
+
+
+def test_dispatch_without_log_context_leaves_other_reactors_alone():
+    """A reactor that is not a stock epoll one keeps its own loop."""
+    from twisted.internet.selectreactor import SelectReactor
+
+    assert not dispatch_without_log_context(MemoryReactor())
+    select_reactor = SelectReactor()
+    assert not dispatch_without_log_context(select_reactor)
+    assert "doIteration" not in vars(select_reactor)

@@ -81,6 +81,7 @@ def makeService(options, reactor=None):
     for option in ("port", "admin-port"):
         if options[option] is not None:
             check_endpoint(reactor, option, options[option])
+    from apigw._twisted_compat import dispatch_without_log_context
     from apigw.heap import Heap
     from apigw.service import GatewayService
     from apigw.signals import stop_once_on_sigterm
@@ -88,6 +89,7 @@ def makeService(options, reactor=None):
     # twistd installs its SIGTERM handler as the reactor starts; ours
     # replaces it then.
     reactor.callWhenRunning(stop_once_on_sigterm, reactor)
+    reactor.callWhenRunning(dispatch_without_log_context, reactor)
     return _root(options, reactor, GatewayService(
         config,
         port=options["port"],

@@ -25,7 +25,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from zope.interface import implementer
 
-from apigw._twisted_compat import adopt_listening_port, listen_on_adopted_unix_socket
+from apigw._twisted_compat import (
+    adopt_listening_port, dispatch_without_log_context, listen_on_adopted_unix_socket,
+)
 from apigw.signals import stop_once_on_sigterm
 from apigw.tap import Options
 
@@ -305,6 +307,7 @@ def main(argv=None):
     if service is None:
         return 1
     reactor.callWhenRunning(stop_once_on_sigterm, reactor)
+    reactor.callWhenRunning(dispatch_without_log_context, reactor)
     reactor.callWhenRunning(_started, service, options["index"], reactor, parent_pid)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
