@@ -10,16 +10,21 @@ import urllib.request
 
 import pytest
 import pytest_twisted
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from twisted.internet import task
 from twisted.internet.threads import deferToThread
 
 import apigw
-from apigw.metrics import Metrics
+from apigw.metrics import FLUSH_INTERVAL_S, LATENCY_BUCKETS_S, Metrics, add_observations
 from tests.helpers import TWISTD, free_port, wait_for_port
 from tests.upstreams import TestUpstream
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 30
+_PUB_OK = 'gateway_requests_total{method="GET",service="pub",status="200"}'
 SERVING = re.compile(r"worker \d+ serving")
 
 
@@ -75,7 +80,13 @@ class _Gateway:
         self.proc.send_signal(signal.SIGHUP)
         # Every process that serves re-reads the file, and says so.
         self._wait_for_log(r"config reloaded", self.workers)
-        return self.get("/metrics")[1]
+        # A worker's counts reach the others' scrapes within FLUSH_INTERVAL_S.
+        deadline = time.monotonic() + FLUSH_INTERVAL_S + 5
+        while True:
+            text = self.get("/metrics")[1]
+            if _value(text, _PUB_OK) == 1.0 or time.monotonic() > deadline:
+                return text
+            time.sleep(0.1)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -98,6 +109,88 @@ def _value(text, sample):
         if line.startswith(sample + " "):
             return float(line.split()[-1])
     return None
+
+
+def _histogram():
+    registry = CollectorRegistry()
+    return registry, Histogram("h", "h", ["s"], buckets=LATENCY_BUCKETS_S,
+                               registry=registry).labels("x")
+
+
+latencies = st.lists(st.one_of(
+    st.floats(min_value=-1.0, max_value=100.0, allow_nan=False),
+    st.sampled_from(LATENCY_BUCKETS_S),  # on a bound: that bucket, not the next
+    st.just(float("inf")),
+), max_size=50)
+
+
+@given(latencies)
+def test_tallied_observations_expose_as_observe_would(values):
+    """Latencies tallied by apigw and added in one go expose exactly the
+    samples prometheus_client's own observe() gives for them."""
+    observed_registry, observed = _histogram()
+    added_registry, added = _histogram()
+    for value in values:
+        observed.observe(value)
+    metrics = Metrics()
+    for value in values:
+        metrics.observe_upstream("x", value)
+    tally = metrics._upstream_tallies.get("x")
+    if tally is not None:
+        add_observations(added, tally.buckets, tally.sum)
+    assert _without_created(added_registry) == _without_created(observed_registry)
+
+
+def _without_created(registry):
+    return [line for line in generate_latest(registry).decode().splitlines()
+            if "_created" not in line]
+
+
+def _sample(metric, name, labels):
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
+def test_a_scrape_sees_every_request_counted_before_it():
+    """Requests counted since the last scrape are in the next one."""
+    metrics = Metrics()
+    for _ in range(3):
+        metrics.observe_request("svc", b"GET", 200, 0.003)
+    metrics.observe_request("svc", b"BREW", 418, 0.2)
+    text = metrics.render().decode()
+    assert 'gateway_requests_total{method="GET",service="svc",status="200"} 3.0' in text
+    assert 'gateway_requests_total{method="OTHER",service="svc",status="418"} 1.0' in text
+    assert 'gateway_request_latency_seconds_bucket{le="0.005",service="svc"} 3.0' in text
+    assert 'gateway_request_latency_seconds_count{service="svc"} 4.0' in text
+    metrics.observe_request("svc", b"GET", 200, 0.003)
+    assert 'gateway_requests_total{method="GET",service="svc",status="200"} 4.0' \
+        in metrics.render().decode()
+
+
+def test_with_workers_counts_reach_the_shared_values_every_interval(tmp_path):
+    """A worker's requests and in-flight count reach the values other
+    workers' scrapes read within FLUSH_INTERVAL_S, and all of them when it
+    stops."""
+    clock = task.Clock()
+    metrics = Metrics(multiprocess_dir=str(tmp_path))
+    in_flight = [2]
+    metrics.in_flight_from(lambda: in_flight[0])
+    metrics.start(clock)
+    labels = {"service": "svc", "method": "GET", "status": "200"}
+    metrics.observe_request("svc", b"GET", 200, 0.01)
+    assert not _sample(metrics.requests_total, "gateway_requests_total", labels)
+    clock.advance(FLUSH_INTERVAL_S)
+    assert _sample(metrics.requests_total, "gateway_requests_total", labels) == 1.0
+    assert _sample(metrics.in_flight, "gateway_in_flight_requests", {}) == 2.0
+    metrics.observe_request("svc", b"GET", 200, 0.01)
+    in_flight[0] = 0
+    metrics.stop()
+    assert _sample(metrics.requests_total, "gateway_requests_total", labels) == 2.0
+    assert _sample(metrics.in_flight, "gateway_in_flight_requests", {}) == 0.0
+    assert not clock.getDelayedCalls()
 
 
 @pytest_twisted.ensureDeferred
@@ -127,4 +220,4 @@ async def test_workers_show_the_same_families_and_count_a_reload_once(tmp_path):
     for text in (one, two):
         assert _value(text, 'gateway_config_reloads_total{result="ok"}') == 1.0
         assert _value(text, f'gateway_build_info{{version="{apigw.__version__}"}}') == 1.0
-        assert _value(text, 'gateway_requests_total{method="GET",service="pub",status="200"}') == 1.0
+        assert _value(text, _PUB_OK) == 1.0

@@ -46,9 +46,8 @@ class Accounting:
         self._clock = clock
         self._in_flight = 0
         self._drained = []
-        # Counted here and read by the gauge at scrape time, where it can.
-        self._gauge = None if metrics.in_flight_from(lambda: self._in_flight) \
-            else metrics.in_flight
+        # Counted here, read by the gauge (apigw.metrics).
+        metrics.in_flight_from(lambda: self._in_flight)
 
     @property
     def in_flight(self):
@@ -57,8 +56,6 @@ class Accounting:
     def opened(self, request):
         """A counted request began: its Outcome, to be passed to closed()."""
         self._in_flight += 1
-        if self._gauge is not None:
-            self._gauge.inc()
         return Outcome(request.request_id, request.method, request.uri, request.client_ip,
                        self._clock.seconds())
 
@@ -101,8 +98,6 @@ class Accounting:
             "error": outcome.error,
         })
         self._in_flight -= 1
-        if self._gauge is not None:
-            self._gauge.dec()
         if self._in_flight == 0 and self._drained:
             waiters, self._drained = self._drained, []
             for d in waiters:

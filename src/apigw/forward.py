@@ -118,7 +118,6 @@ class Forwarder:
         self._balancers = {}
         self._timeouts = Timeouts(clock)
         self._configured = False
-        self._latency = {}
 
     def configure(self, config):
         """Apply a loaded or reloaded GatewayConfig: backoff and breaker
@@ -261,12 +260,7 @@ class Forwarder:
         finally:
             elapsed = self._clock.seconds() - started
             outcome.upstream_latency_ms = round(elapsed * 1000, 3)
-        latency = self._latency.get(service.name)
-        if latency is None:
-            # The label lookup takes a lock: once per service, not per request.
-            latency = self._latency[service.name] = \
-                self._metrics.upstream_latency.labels(service.name)
-        latency.observe(elapsed)
+        self._metrics.observe_upstream(service.name, elapsed)
         return response
 
 

@@ -257,6 +257,7 @@ class GatewayService(MultiService):
     def startService(self):
         self._sighup.install()
         self.access_log.start()
+        self.metrics.start(self.clock)
         self.rate_limiting.start()
         self.key_store.start().addErrback(self._key_store_failed)
         self.traffic.start()
@@ -301,6 +302,7 @@ class GatewayService(MultiService):
             self.key_changes.stop()
         await self.key_store.stop()
         self.access_log.stop()
+        self.metrics.stop()
         if self.heap is not None:
             self.heap.stop()
 
