@@ -11,6 +11,8 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -503,26 +505,65 @@ def test_encoded_command_is_what_txredisapi_writes():
     assert _encode_command(args) == transport.value()
 
 
-def test_encoded_commands_get_their_own_replies_in_order():
-    """When encoded commands are sent straight onto a txredisapi protocol, each gets its own reply in order, an error reply fails as ResponseError, and a cancelled one does not shift the replies of the next."""
+def test_a_turns_commands_go_out_together_and_get_their_own_replies_in_order():
+    """When several checks are made in one reactor turn, their commands are
+    written together once the turn ends; each gets its own reply in order,
+    an error reply fails as ResponseError, one cancelled before the turn
+    ends is not sent, and one cancelled after it does not shift the replies
+    of the next."""
     import txredisapi
+    from twisted.internet.task import Clock
 
-    from apigw.ratelimit import _encode_command, _send_encoded
+    from apigw.ratelimit import _encode_command, _TurnBatch
 
     protocol, transport = _redis_protocol()
-    ping = _encode_command((b"PING",))
-    results = [[] for _ in range(4)]
-    sent = [_send_encoded(protocol, ping) for _ in results]
+    clock = Clock()
+    turn = _TurnBatch(clock)
+    commands = [_encode_command((b"ECHO", b"%d" % n)) for n in range(5)]
+    sent = [turn.send(protocol, command) for command in commands]
+    assert turn.connection is protocol
+    results = [[] for _ in sent]
     for d, got in zip(sent, results):
         d.addBoth(got.append)
-    assert transport.value() == ping * 4
+    sent[4].cancel()  # the client left within the turn
+    assert transport.value() == b""
+    clock.advance(0)
+    assert transport.value() == b"".join(commands[:4]) and turn.connection is None
     sent[1].cancel()
     assert results[1][0].check(defer.CancelledError)
+    assert results[4][0].check(defer.CancelledError)
     protocol.dataReceived(b"*2\r\n:1\r\n:2\r\n+late\r\n-NOSCRIPT No matching script\r\n$2\r\nok\r\n")
     assert results[0] == [[1, 2]]
     assert results[2][0].check(txredisapi.ResponseError)
     assert str(results[2][0].value).startswith("NOSCRIPT")
     assert results[3] == ["ok"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_turns_commands_fail_when_their_connection_is_lost_first():
+    """When the connection closes before the turn's commands are written,
+    they fail at once instead of waiting for their deadline; and a
+    connection lost after they went out fails the ones still waiting."""
+    from twisted.internet.task import Clock
+
+    from apigw.ratelimit import _encode_command, _TurnBatch
+
+    protocol, transport = _redis_protocol()
+    clock = Clock()
+    turn = _TurnBatch(clock)
+    before = turn.send(protocol, _encode_command((b"PING",)))
+    failures = []
+    before.addErrback(failures.append)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    clock.advance(0)
+    assert len(failures) == 1 and transport.value() == b""
+    protocol, transport = _redis_protocol()
+    after = turn.send(protocol, _encode_command((b"PING",)))
+    after.addErrback(failures.append)
+    clock.advance(0)
+    assert transport.value() == _encode_command((b"PING",))
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert len(failures) == 2
 
 
 def test_limiter_timeouts_on_one_timer_each_fire_at_their_own_deadline():
