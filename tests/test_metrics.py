@@ -171,9 +171,9 @@ def test_a_scrape_sees_every_request_counted_before_it():
 
 
 def test_with_workers_counts_reach_the_shared_values_every_interval(tmp_path):
-    """A worker's requests and in-flight count reach the values other
-    workers' scrapes read within FLUSH_INTERVAL_S, and all of them when it
-    stops."""
+    """In a worker, requests and the in-flight count reach prometheus_client's
+    values (there, the files other workers' scrapes read) within
+    FLUSH_INTERVAL_S, and all of them when it stops."""
     clock = task.Clock()
     metrics = Metrics(multiprocess_dir=str(tmp_path))
     in_flight = [2]
@@ -191,6 +191,57 @@ def test_with_workers_counts_reach_the_shared_values_every_interval(tmp_path):
     assert _sample(metrics.requests_total, "gateway_requests_total", labels) == 2.0
     assert _sample(metrics.in_flight, "gateway_in_flight_requests", {}) == 0.0
     assert not clock.getDelayedCalls()
+
+
+def test_a_timed_flush_that_fails_neither_stops_the_timer_nor_counts_twice(
+        monkeypatch, tmp_path):
+    """When writing the tallies fails once, the error is logged, the next
+    interval flushes again, what was written is not written twice, and
+    stop() (even twice) leaves no timer."""
+    from twisted.logger import globalLogPublisher
+
+    import apigw.metrics as metrics_module
+
+    clock = task.Clock()
+    metrics = Metrics(multiprocess_dir=str(tmp_path))
+    metrics.start(clock)
+    labels = {"service": "svc", "method": "GET", "status": "200"}
+    real = metrics_module.add_observations
+    fail = [True]
+
+    def flaky(*args):
+        if fail.pop() if fail else False:
+            raise OSError("disk full")
+        real(*args)
+    monkeypatch.setattr(metrics_module, "add_observations", flaky)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        metrics.observe_request("svc", b"GET", 200, 0.01)
+        clock.advance(FLUSH_INTERVAL_S)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any("disk full" in str(e.get("log_failure", "")) for e in events)
+    metrics.observe_request("svc", b"GET", 200, 0.01)
+    clock.advance(FLUSH_INTERVAL_S)
+    assert _sample(metrics.requests_total, "gateway_requests_total", labels) == 2.0
+    metrics.stop()
+    metrics.stop()
+    assert not clock.getDelayedCalls()
+
+
+def test_past_the_tally_cap_every_request_is_still_counted(monkeypatch):
+    """When clients invent more methods than tallies are kept for, the
+    table is flushed and emptied, and every request is counted."""
+    import apigw.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "MAX_TALLIES", 3)
+    metrics = Metrics()
+    for n in range(10):
+        metrics.observe_request("svc", b"M%d" % n, 200, 0.01)
+    assert len(metrics._request_tallies) <= 3
+    text = metrics.render().decode()
+    assert 'gateway_requests_total{method="OTHER",service="svc",status="200"} 10.0' in text
 
 
 @pytest_twisted.ensureDeferred

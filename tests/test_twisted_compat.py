@@ -414,8 +414,68 @@ def test_dispatch_without_log_context_hands_each_event_to_its_handler(monkeypatc
         for client in clients:
             client.close()
         port.stopListening()
-        reactor.disconnectAll()
-        reactor._poller.close()
+        _close(reactor)
+
+
+def _close(reactor):
+    reactor.disconnectAll()
+    reactor.removeReader(reactor.waker)
+    reactor.waker.connectionLost(None)
+    reactor._poller.close()
+
+
+class _Breaks:
+    """A readable descriptor whose handler fails, and whose connectionLost
+    (called as it is dropped) fails too."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return "breaks"
+
+    def doRead(self):
+        raise RuntimeError("read failed")
+
+    def connectionLost(self, reason):
+        raise RuntimeError("and so did closing")
+
+
+def test_dispatch_without_log_context_logs_what_escapes_a_handler_and_goes_on():
+    """When dropping a failed selectable fails too, the error is logged with
+    the selectable named, and the reactor goes on serving the others."""
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.logger import globalLogPublisher
+
+    reactor = EPollReactor()
+    assert dispatch_without_log_context(reactor)
+    pairs = [socket.socketpair() for _ in range(2)]
+    errors = []
+    observer = lambda event: event.get("isError") and errors.append(event)  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        broken = _Breaks(pairs[0][0])
+        reactor.addReader(broken)
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
+        client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+        client.setblocking(False)
+        got, read = _reader(client)
+        pairs[0][1].sendall(b"x")
+        client.sendall(b"still served")
+        _turn_until(reactor, read)
+        assert got == [b"still served"]
+        assert any("while handling an event of" in (e.get("why") or "") for e in errors), errors
+        client.close()
+        port.stopListening()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        for a, b in pairs:
+            a.close()
+            b.close()
+        _close(reactor)
 
 
 def test_dispatch_without_log_context_leaves_other_reactors_alone():

@@ -296,15 +296,19 @@ class GatewayService(MultiService):
         self.traffic.stop()
         for site in self.sites:
             site.watchdog.stop()
-        await self.forwarder.close()
-        await self.rate_limiting.stop()
-        if self.key_changes is not None:
-            self.key_changes.stop()
-        await self.key_store.stop()
-        self.access_log.stop()
-        self.metrics.stop()
-        if self.heap is not None:
-            self.heap.stop()
+        try:
+            await self.forwarder.close()
+            await self.rate_limiting.stop()
+            if self.key_changes is not None:
+                self.key_changes.stop()
+            await self.key_store.stop()
+            self.access_log.stop()
+        finally:
+            # With workers, the last second's counts reach the shared files
+            # however the rest went.
+            self.metrics.stop()
+            if self.heap is not None:
+                self.heap.stop()
 
     def _close_client_connections(self, timeout_s):
         d = defer.gatherResults([site.close_connections() for site in self.sites],

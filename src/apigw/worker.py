@@ -311,6 +311,12 @@ def main(argv=None):
     reactor.callWhenRunning(_started, service, options["index"], reactor, parent_pid)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
+    # Requests that outlived the grace end as the reactor stops, after the
+    # service did: their counts too.
+    try:
+        service.metrics.flush()
+    except Exception:
+        log.failure("writing the last metrics to the shared files")
     if _orphaned.is_set():
         # Nobody else will remove the metrics files now; a sibling still
         # draining keeps its open mmaps, and /metrics no longer matters.
