@@ -1,8 +1,10 @@
 """Shared test helpers: a gateway on a free loopback port and an HTTP client
 that shows exactly what came over the wire (no decoding, no redirects)."""
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,11 +42,24 @@ class Reply:
         return json.loads(self.body)
 
 
+_PRIVATE_ROOT = []
+
+
+def private_dir():
+    """A fresh directory of its own (a gateway's SQLite file), removed with
+    the others when the test run ends."""
+    if not _PRIVATE_ROOT:
+        root = tempfile.mkdtemp(prefix="apigw-tests-")
+        atexit.register(shutil.rmtree, root, True)
+        _PRIVATE_ROOT.append(root)
+    return tempfile.mkdtemp(dir=_PRIVATE_ROOT[0])
+
+
 async def start_gateway(yaml_text, env=None, **kwargs):
     """A started GatewayService on 127.0.0.1:<free>; returns (service, base URL)."""
     if env is None:
         # A private SQLite file: never the repository's apigw.db.
-        env = Environment(database_url=f"sqlite:///{tempfile.mkdtemp()}/apigw.db")
+        env = Environment(database_url=f"sqlite:///{private_dir()}/apigw.db")
     config = parse_config(yaml_text, "test.yaml", env)
     service = GatewayService(config, port="tcp:0:interface=127.0.0.1", **kwargs)
     service.startService()

@@ -2,8 +2,6 @@
 an upstream client the test answers, and client connections over a
 StringTransport."""
 
-import tempfile
-
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -13,6 +11,7 @@ from twisted.web.client import ResponseDone
 from apigw.body import BytesProducer
 from apigw.config import Environment, parse_config
 from apigw.service import GatewayService
+from tests.helpers import private_dir
 
 
 class FakeResponse:
@@ -50,7 +49,7 @@ class FakeClient:
 
 
 def gateway_service(yaml_text, clock, client, **kwargs):
-    env = Environment(database_url=f"sqlite:///{tempfile.mkdtemp()}/gw.db")
+    env = Environment(database_url=f"sqlite:///{private_dir()}/gw.db")
     config = parse_config(yaml_text, "test.yaml", env)
     return GatewayService(config, port="tcp:0", reactor=MemoryReactorClock(), clock=clock,
                          client=client, **kwargs)
