@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.python.failure import Failure
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from apigw.config import Environment, RedisURL, Settings, parse_config
 from apigw.errors import GatewayError
@@ -222,8 +223,8 @@ def redis_limiter_factory():
 
     made = []
 
-    def make(algorithm="fixed_window", url=SHARED_REDIS, timeout_s=0.1):
-        prefix = f"apigw:test:{uuid.uuid4().hex}:"
+    def make(algorithm="fixed_window", url=SHARED_REDIS, timeout_s=0.1, key_prefix=None):
+        prefix = key_prefix or f"apigw:test:{uuid.uuid4().hex}:"
         limiter = RedisLimiter(url, algorithm, reactor, timeout_s=timeout_s, key_prefix=prefix)
         limiter.start()
         made.append((limiter, prefix))
@@ -505,65 +506,144 @@ def test_encoded_command_is_what_txredisapi_writes():
     assert _encode_command(args) == transport.value()
 
 
-def test_a_turns_commands_go_out_together_and_get_their_own_replies_in_order():
-    """When several checks are made in one reactor turn, their commands are
-    written together once the turn ends; each gets its own reply in order,
-    an error reply fails as ResponseError, one cancelled before the turn
-    ends is not sent, and one cancelled after it does not shift the replies
-    of the next."""
-    import txredisapi
+class _Writes(StringTransport):
+    """A transport that keeps each write apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+
+def _turn_batch(clock=None):
     from twisted.internet.task import Clock
 
-    from apigw.ratelimit import _encode_command, _TurnBatch
+    from apigw.deadlines import Timeouts
+    from apigw.ratelimit import _TurnBatch
 
-    protocol, transport = _redis_protocol()
-    clock = Clock()
-    turn = _TurnBatch(clock)
+    clock = clock if clock is not None else Clock()
+    deadlines = Timeouts(clock, patient=True)
+    return _TurnBatch(clock, deadlines, 0.1), deadlines, clock
+
+
+def _recording_redis():
+    import txredisapi
+
+    protocol = txredisapi.RedisProtocol()
+    transport = _Writes()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_a_turns_commands_go_out_together_and_get_their_own_replies_in_order():
+    """When several checks are made in one reactor turn, their commands go
+    out in one write once the turn ends, behind anything txredisapi wrote
+    meanwhile; each gets its own reply in order, an error reply fails as
+    ResponseError, one cancelled before the turn ends is not sent, and one
+    cancelled after it does not shift the replies of the next."""
+    import txredisapi
+
+    from apigw.ratelimit import _encode_command
+
+    protocol, transport = _recording_redis()
+    turn, _, clock = _turn_batch()
     commands = [_encode_command((b"ECHO", b"%d" % n)) for n in range(5)]
-    sent = [turn.send(protocol, command) for command in commands]
+    sent = [turn.send(protocol, command) for command in commands[:2]]
+    ping = protocol.execute_command("PING")  # txredisapi's own, written at once
+    sent += [turn.send(protocol, command) for command in commands[2:]]
     assert turn.connection is protocol
     results = [[] for _ in sent]
     for d, got in zip(sent, results):
         d.addBoth(got.append)
-    sent[4].cancel()  # the client left within the turn
-    assert transport.value() == b""
+    sent[2].cancel()  # the client left within the turn
+    sent[4].cancel()
+    assert transport.writes == [_encode_command((b"PING",))]
     clock.advance(0)
-    assert transport.value() == b"".join(commands[:4]) and turn.connection is None
+    assert transport.writes[1:] == [commands[0] + commands[1] + commands[3]]
+    assert turn.connection is None
     sent[1].cancel()
     assert results[1][0].check(defer.CancelledError)
-    assert results[4][0].check(defer.CancelledError)
-    protocol.dataReceived(b"*2\r\n:1\r\n:2\r\n+late\r\n-NOSCRIPT No matching script\r\n$2\r\nok\r\n")
+    protocol.dataReceived(b"+PONG\r\n*2\r\n:1\r\n:2\r\n+late\r\n"
+                          b"-NOSCRIPT No matching script\r\n")
+    assert ping.result == "PONG"
     assert results[0] == [[1, 2]]
-    assert results[2][0].check(txredisapi.ResponseError)
-    assert str(results[2][0].value).startswith("NOSCRIPT")
-    assert results[3] == ["ok"]
+    assert results[2][0].check(defer.CancelledError)
+    assert results[3][0].check(txredisapi.ResponseError)
+    assert str(results[3][0].value).startswith("NOSCRIPT")
+    assert results[4][0].check(defer.CancelledError)
     assert clock.getDelayedCalls() == []
 
 
-def test_a_turns_commands_fail_when_their_connection_is_lost_first():
-    """When the connection closes before the turn's commands are written,
-    they fail at once instead of waiting for their deadline; and a
-    connection lost after they went out fails the ones still waiting."""
-    from twisted.internet.task import Clock
+def test_a_turns_commands_fail_when_their_connection_closes_first():
+    """When a connection closes (or starts to) before the turn's commands
+    are written, its commands fail at once and nothing is written on it,
+    while those for another connection go out; one lost after the write
+    fails the commands still waiting."""
+    from apigw.ratelimit import _encode_command
 
-    from apigw.ratelimit import _encode_command, _TurnBatch
-
-    protocol, transport = _redis_protocol()
-    clock = Clock()
-    turn = _TurnBatch(clock)
-    before = turn.send(protocol, _encode_command((b"PING",)))
+    ping = _encode_command((b"PING",))
+    turn, _, clock = _turn_batch()
+    lost, lost_transport = _recording_redis()
+    aborted, aborted_transport = _recording_redis()
+    healthy, healthy_transport = _recording_redis()
     failures = []
-    before.addErrback(failures.append)
-    protocol.connectionLost(Failure(ConnectionDone()))
+    for redis in (lost, aborted, healthy):
+        turn.send(redis, ping).addErrback(failures.append)
+    lost.connectionLost(Failure(ConnectionDone()))
+    aborted_transport.loseConnection()  # still connected until the next turn
     clock.advance(0)
-    assert len(failures) == 1 and transport.value() == b""
-    protocol, transport = _redis_protocol()
-    after = turn.send(protocol, _encode_command((b"PING",)))
-    after.addErrback(failures.append)
-    clock.advance(0)
-    assert transport.value() == _encode_command((b"PING",))
-    protocol.connectionLost(Failure(ConnectionDone()))
-    assert len(failures) == 2
+    assert len(failures) == 2 and all(f.check(ConnectionError) for f in failures)
+    assert lost_transport.writes == aborted_transport.writes == []
+    assert healthy_transport.writes == [ping]
+    healthy.connectionLost(Failure(ConnectionDone()))
+    assert len(failures) == 3
+
+
+def test_a_checks_deadline_counts_from_when_its_command_is_written():
+    """When the turn that queued a check stalls past its deadline before the
+    command goes out, the answer read right after still counts; with no
+    answer, the check times out one deadline after the write."""
+    from twisted.internet.defer import TimeoutError
+
+    from apigw.ratelimit import _encode_command, _timed_out
+
+    for answered in (True, False):
+        protocol, transport = _recording_redis()
+        turn, deadlines, clock = _turn_batch()
+        d = turn.send(protocol, _encode_command((b"PING",)))
+        results = []
+        deadlines.add(d, 0.1, _timed_out).addBoth(results.append)  # as check() does
+        clock.advance(0.15)  # the rest of the turn took 150 ms
+        assert transport.writes and results == []
+        if answered:
+            protocol.dataReceived(b"+PONG\r\n")
+            assert results == ["PONG"]
+        else:
+            clock.advance(0.1)
+            assert len(results) == 1 and results[0].check(TimeoutError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_checks_not_yet_sent_when_the_limiter_stops_fail_and_count_nothing(
+        redis_limiter_factory):
+    """When the limiter stops with checks of the current turn not yet sent,
+    they fail as the limiter being unavailable, and Redis counts none of
+    them."""
+    prefix = f"apigw:test:{uuid.uuid4().hex}:"
+    limiter = redis_limiter_factory(key_prefix=prefix)
+    await wait_connected(limiter)
+    assert (await limiter.check("s", 5, 3600)).remaining == 4
+    pending = [limiter.check("s", 5, 3600) for _ in range(3)]
+    await limiter.stop()
+    for d in pending:
+        with pytest.raises(LimiterUnavailable):
+            await d
+    other = redis_limiter_factory(key_prefix=prefix)
+    await wait_connected(other)
+    assert (await other.check("s", 5, 3600)).remaining in (3, 4)  # 4 if the hour turned
 
 
 def test_limiter_timeouts_on_one_timer_each_fire_at_their_own_deadline():

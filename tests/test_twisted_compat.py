@@ -22,7 +22,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from apigw._twisted_compat import (
-    clear_exit_signal, dispatch_without_log_context, request_line, start_response,
+    clear_exit_signal, closing, dispatch_without_log_context, request_line, start_response,
     take_unread_bytes, write_at_once,
 )
 from apigw.worker import InheritedSocketEndpoint, _InheritedTCPPort, _InheritedUNIXPort
@@ -316,6 +316,27 @@ def test_write_at_once_sends_on_an_idle_connection_and_queues_behind_waiting_byt
     finally:
         transport.socket.close()
         peer.close()
+
+
+def test_closing_says_so_from_the_abort_or_close_call_on():
+    """A TCP transport reads as closing from the moment abortConnection() or
+    loseConnection() is called, while it still says it is connected; and
+    write_at_once sends nothing on an aborted one."""
+    for close in ("abortConnection", "loseConnection"):
+        ours, theirs = socket.socketpair()
+        try:
+            transport = tcp.Connection(ours, protocol.Protocol(), MemoryReactorClock())
+            transport.connected = 1
+            assert not closing(transport)
+            getattr(transport, close)()
+            assert transport.connected and closing(transport)
+            write_at_once(transport, b"late")
+            theirs.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                theirs.recv(10)
+        finally:
+            ours.close()
+            theirs.close()
 
 
 def test_write_at_once_leaves_a_full_or_closing_connection_to_write():

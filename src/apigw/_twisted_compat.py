@@ -112,11 +112,12 @@ def write_at_once(transport, data):
     """transport.write(data), but sent by this call, not at the reactor's
     next turn, when nothing else waits in the transport to go out.
 
-    A small request on an idle connection (the limiter's one EVALSHA) then
-    costs one send() instead of registering the socket for writing, a
-    wakeup to write it and unregistering it again. Relies on a plain
-    tcp.Connection's private buffer state (`dataBuffer`, `offset`,
-    `_tempDataLen`) saying that nothing waits, and on its `socket` being the
+    A small request on an idle connection (the limiter's EVALSHAs of one
+    reactor turn) then costs one send() instead of registering the socket
+    for writing, a wakeup to write it and unregistering it again. Relies on
+    a plain tcp.Connection's private buffer state (`dataBuffer`, `offset`,
+    `_tempDataLen`) saying that nothing waits, on its private `_aborting`
+    saying it is not being aborted, and on its `socket` being the
     connected non-blocking socket that doWrite() sends on. Whatever is not
     sent (a full socket buffer, an error) goes to write() as before, which
     also reports a broken connection the usual way; TLS and other
@@ -130,8 +131,8 @@ def write_at_once(transport, data):
         isinstance(transport, tcp.Connection)
         and not transport.TLS
         and transport.connected
-        and not (transport.disconnecting or transport._writeDisconnecting
-                 or transport._writeDisconnected)
+        and not (transport.disconnecting or transport._aborting
+                 or transport._writeDisconnecting or transport._writeDisconnected)
         and not transport._tempDataLen
         and transport.offset == len(transport.dataBuffer)
     ):
@@ -143,6 +144,18 @@ def write_at_once(transport, data):
             return
         data = data[sent:]
     transport.write(data)
+
+
+def closing(transport):
+    """Whether loseConnection() or abortConnection() was called on
+    `transport`, which may still say it is connected until its
+    connectionLost: an abort only disconnects at the reactor's next turn.
+
+    Relies on abortConnection() of Twisted's stream transports setting the
+    private `_aborting` (loseConnection() sets the public `disconnecting`).
+    """
+    return bool(getattr(transport, "disconnecting", False)
+                or getattr(transport, "_aborting", False))
 
 
 def dispatch_without_log_context(reactor):

@@ -87,6 +87,13 @@ class Timeouts:
         d.addBoth(self._settled, d, entry, timeout_s, on_timeout)
         return d
 
+    def restart(self, d, timeout_s):
+        """`d`'s deadline counts `timeout_s` from now instead (what it
+        waits on has only started now); nothing if it fired or expired."""
+        entry = self._entries.get(d)
+        if entry is not None and not entry[1]:
+            entry[0] = self._clock.seconds() + timeout_s
+
     def _arm(self, at):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

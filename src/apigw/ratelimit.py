@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from apigw._twisted_compat import write_at_once
+from apigw._twisted_compat import closing, write_at_once
 from apigw.config import SentinelRedisURL
 from apigw.deadlines import Timeouts
 from apigw.errors import GatewayError
@@ -258,9 +258,9 @@ class RedisLimiter:
         # itself (a Python __len__) on every answer costs more than this.
         self._maybe_silent = False
         self._commands = {}  # see _command()
-        self._turn = _TurnBatch(clock)
         # One timer for the deadlines of all checks under way.
         self._deadlines = Timeouts(clock, patient=True)
+        self._turn = _TurnBatch(clock, self._deadlines, timeout_s)
         self.outage = OutageLog(
             redis_url.describe(), clock, self.log,
             consequence="requests get the rate_limit_failure policy until it answers")
@@ -306,7 +306,9 @@ class RedisLimiter:
             self.watch.start()
 
     def stop(self):
-        self._turn.write()  # what this turn asked still gets its answer
+        # Checks of this turn not yet sent: their answers would never be
+        # read now.
+        self._turn.fail_unsent(LimiterUnavailable("the rate limiter is stopping"))
         factory, self._factory = self._factory, None
         if factory is None:
             return defer.succeed(None)
@@ -364,7 +366,7 @@ class RedisLimiter:
         if command is None:
             command = self._command(bucket, limit, period_s, algorithm)
         redis = self._turn.connection
-        if redis is None:
+        if redis is None or not _usable(redis):
             try:
                 redis = self._connection()
             except LimiterUnavailable:
@@ -425,7 +427,7 @@ class RedisLimiter:
         for _ in range(len(pool)):
             self._next = (self._next + 1) % len(pool)
             conn = pool[self._next]
-            if conn.connected:
+            if _usable(conn):
                 return conn
         raise LimiterUnavailable("not connected to Redis")
 
@@ -578,20 +580,25 @@ def _encode_command(args):
 
 
 class _TurnBatch:
-    """The limiter's commands of one reactor turn, written to Redis in one
-    send(2) once the turn's events are handled.
+    """The limiter's commands of one reactor turn, written to Redis together
+    once the turn's events are handled: one send(2) per connection, when
+    nothing else waits to go out on it.
 
     Under load one poll brings several requests, each with its EVALSHA: one
     send and one reply read for all of them instead of one each. A send on
     loopback costs about as much as the rest of a request's Redis round
     trip in Python. The commands wait for the turn's other events, a
-    fraction of a millisecond.
+    fraction of a millisecond, from a callLater(0) on the limiter's clock
+    (so that clock must be the reactor's, or a test's that it advances).
 
     Each command's reply is asked of txredisapi's reply queue as it is
     written, so the queue stays in step with what went out, whatever else
     writes to the connection meanwhile (txredisapi's own PING, the EVAL
     that loads the script). A check cancelled before its turn ends is not
-    sent; one cancelled after is answered and its reply dropped.
+    sent; one cancelled after is answered and its reply dropped. Its
+    deadline (`deadlines`) counts from the write: a stall later in the turn
+    that queued it is not Redis's delay. Commands for a connection that
+    closed before the write fail at once.
 
     What execute_command() does for each command, minus encoding it again
     and the generator and second Deferred it puts in front of the reply.
@@ -601,47 +608,69 @@ class _TurnBatch:
     values, and saying `connected`; tests/test_ratelimit.py pins that.
     """
 
-    def __init__(self, clock):
+    def __init__(self, clock, deadlines, timeout_s):
         self._clock = clock
+        self._deadlines = deadlines
+        self._timeout_s = timeout_s
         self._call = None
-        # The connection of this turn's commands; None before the first.
+        # connection -> (encoded commands, their Deferreds), in send order.
+        self._queued = {}
+        # The connection this turn's latest command went to; None before
+        # the first.
         self.connection = None
-        self._commands = []
-        self._waiting = []
 
     def send(self, redis, command):
         """A Deferred of the reply to the encoded `command`, sent on `redis`
         when this turn ends; it fails with the ResponseError of an error
         reply."""
-        if self._call is None:
-            self.connection = redis
-            self._call = self._clock.callLater(0, self.write)
+        queued = self._queued.get(redis)
+        if queued is None:
+            queued = self._queued[redis] = ([], [])
+        self.connection = redis
         d = defer.Deferred()
-        self._commands.append(command)
-        self._waiting.append(d)
+        queued[0].append(command)
+        queued[1].append(d)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.write)
         return d
 
-    def write(self):
-        """Write this turn's commands now (the turn's end, or stop())."""
+    def _take(self):
         call, self._call = self._call, None
-        if call is None:
-            return
-        if call.active():
+        if call is not None and call.active():
             call.cancel()
-        redis, self.connection = self.connection, None
-        commands, self._commands = self._commands, []
-        waiting, self._waiting = self._waiting, []
-        live = [i for i, d in enumerate(waiting) if not d.called]
-        if not live:
-            return
-        if not redis.connected:
+        queued, self._queued = self._queued, {}
+        self.connection = None
+        return queued
+
+    def write(self):
+        """Write this turn's commands (the turn's end)."""
+        for redis, (commands, waiting) in self._take().items():
+            live = [i for i, d in enumerate(waiting) if not d.called]
+            if not live:
+                continue
+            if not _usable(redis):
+                for i in live:
+                    waiting[i].errback(Failure(ConnectionError("the Redis connection was lost")))
+                continue
+            write_at_once(redis.transport, b"".join([commands[i] for i in live]))
+            queue = redis.replyQueue
             for i in live:
-                waiting[i].errback(Failure(ConnectionError("the Redis connection was lost")))
-            return
-        write_at_once(redis.transport, b"".join([commands[i] for i in live]))
-        queue = redis.replyQueue
-        for i in live:
-            queue.get().addBoth(_reply, waiting[i])
+                d = waiting[i]
+                self._deadlines.restart(d, self._timeout_s)
+                queue.get().addBoth(_reply, d)
+
+    def fail_unsent(self, reason):
+        """Fail this turn's commands with `reason` instead of writing them."""
+        for _, waiting in self._take().values():
+            for d in waiting:
+                if not d.called:
+                    d.errback(Failure(reason))
+
+
+def _usable(redis):
+    """Whether commands may still be written on this connection: connected,
+    and not being closed (an abort leaves it connected until the next turn)."""
+    return bool(redis.connected) and not closing(redis.transport)
 
 
 def _reply(reply, d):

@@ -306,9 +306,11 @@ class GatewayService(MultiService):
         finally:
             # With workers, the last second's counts reach the shared files
             # however the rest went.
-            self.metrics.stop()
-            if self.heap is not None:
-                self.heap.stop()
+            try:
+                self.metrics.stop()
+            finally:
+                if self.heap is not None:
+                    self.heap.stop()
 
     def _close_client_connections(self, timeout_s):
         d = defer.gatherResults([site.close_connections() for site in self.sites],
