@@ -161,6 +161,14 @@ def test_two_nodes_keep_one_limit_across_a_sentinel_failover(
         # Keys made on one node work on the other: one database.
         exact_key = create_key(nodes[0].port, MASTER_KEY, "exact", rate_limit=20)
         failover_key = create_key(nodes[1].port, MASTER_KEY, "failover", rate_limit=25)
+        # /readyz is answered by whichever worker takes the connection; the
+        # other may not have reached Redis yet, and would give its first
+        # requests the failure policy. Decided answers on many fresh
+        # connections in a row mean every worker has.
+        warm_key = create_key(nodes[0].port, MASTER_KEY, "warm-up", rate_limit=1_000_000)
+        for node in nodes:
+            wait_until(f"{node.name} deciding limits in every worker",
+                       lambda: all(call(node, warm_key).decided for _ in range(20)), 15)
 
         # 1. One limit across both nodes and their four workers.
         with ThreadPoolExecutor(8) as pool:
