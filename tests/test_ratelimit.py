@@ -485,14 +485,16 @@ def test_limiter_timeout_fires_when_no_answer_came():
 
 # --- what the Redis limiter relies on in txredisapi ---------------------------------
 
-def _redis_protocol():
-    import txredisapi
-    from twisted.internet.testing import StringTransport
+class _Writes(StringTransport):
+    """A transport that keeps each write apart."""
 
-    protocol = txredisapi.RedisProtocol()
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    return protocol, transport
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
 
 
 def test_encoded_command_is_what_txredisapi_writes():
@@ -506,18 +508,6 @@ def test_encoded_command_is_what_txredisapi_writes():
     assert _encode_command(args) == transport.value()
 
 
-class _Writes(StringTransport):
-    """A transport that keeps each write apart."""
-
-    def __init__(self):
-        super().__init__()
-        self.writes = []
-
-    def write(self, data):
-        self.writes.append(data)
-        super().write(data)
-
-
 def _turn_batch(clock=None):
     from twisted.internet.task import Clock
 
@@ -529,7 +519,8 @@ def _turn_batch(clock=None):
     return _TurnBatch(clock, deadlines, 0.1), deadlines, clock
 
 
-def _recording_redis():
+def _redis_protocol():
+    """A txredisapi protocol on a transport that keeps each write apart."""
     import txredisapi
 
     protocol = txredisapi.RedisProtocol()
@@ -548,7 +539,7 @@ def test_a_turns_commands_go_out_together_and_get_their_own_replies_in_order():
 
     from apigw.ratelimit import _encode_command
 
-    protocol, transport = _recording_redis()
+    protocol, transport = _redis_protocol()
     turn, _, clock = _turn_batch()
     commands = [_encode_command((b"ECHO", b"%d" % n)) for n in range(5)]
     sent = [turn.send(protocol, command) for command in commands[:2]]
@@ -586,9 +577,9 @@ def test_a_turns_commands_fail_when_their_connection_closes_first():
 
     ping = _encode_command((b"PING",))
     turn, _, clock = _turn_batch()
-    lost, lost_transport = _recording_redis()
-    aborted, aborted_transport = _recording_redis()
-    healthy, healthy_transport = _recording_redis()
+    lost, lost_transport = _redis_protocol()
+    aborted, aborted_transport = _redis_protocol()
+    healthy, healthy_transport = _redis_protocol()
     failures = []
     for redis in (lost, aborted, healthy):
         turn.send(redis, ping).addErrback(failures.append)
@@ -611,7 +602,7 @@ def test_a_checks_deadline_counts_from_when_its_command_is_written():
     from apigw.ratelimit import _encode_command, _timed_out
 
     for answered in (True, False):
-        protocol, transport = _recording_redis()
+        protocol, transport = _redis_protocol()
         turn, deadlines, clock = _turn_batch()
         d = turn.send(protocol, _encode_command((b"PING",)))
         results = []
