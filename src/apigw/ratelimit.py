@@ -676,11 +676,14 @@ def _usable(redis):
 def _reply(reply, d):
     # txredisapi hands error replies (and a lost connection) over as
     # exception values, not failures.
-    if not d.called:
-        if isinstance(reply, (Exception, Failure)):
-            d.errback(reply if isinstance(reply, Failure) else Failure(reply))
-        else:
-            d.callback(reply)
+    if d.called:
+        return
+    if isinstance(reply, Exception):
+        d.errback(Failure(reply))
+    elif isinstance(reply, Failure):
+        d.errback(reply)
+    else:
+        d.callback(reply)
 
 
 def make_limiter(config, clock, reactor=None):
